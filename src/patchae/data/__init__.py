@@ -1,0 +1,51 @@
+"""Data: image loading, MVTec AD / synthetic / folder samples, CutPaste, and Lightning data modules."""
+
+from patchae.data.cutpaste import CutPaste
+from patchae.data.datamodule import (
+    AnomalyDataModule,
+    AnomalyImageDataset,
+    FolderDataModule,
+    MVTecDataModule,
+    SyntheticDataModule,
+)
+from patchae.data.download import download_mvtec
+from patchae.data.images import IMAGE_EXTENSIONS, load_mask, load_rgb
+from patchae.data.samples import (
+    GRAYSCALE_CATEGORIES,
+    MVTEC_CATEGORIES,
+    Sample,
+    folder_samples,
+    mvtec_samples,
+)
+from patchae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+
+__all__ = [
+    "GRAYSCALE_CATEGORIES",
+    "IMAGE_EXTENSIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MVTEC_CATEGORIES",
+    "AnomalyDataModule",
+    "AnomalyImageDataset",
+    "CutPaste",
+    "FolderDataModule",
+    "ImageTransform",
+    "MVTecDataModule",
+    "Sample",
+    "SyntheticDataModule",
+    "download_mvtec",
+    "folder_samples",
+    "generate_synthetic_category",
+    "load_mask",
+    "load_rgb",
+    "mvtec_samples",
+]
+
+
+def __getattr__(name: str) -> object:
+    # Imported lazily so `python -m patchae.data.synthetic` does not find its module already imported.
+    if name == "generate_synthetic_category":
+        from patchae.data.synthetic import generate_synthetic_category
+
+        return generate_synthetic_category
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

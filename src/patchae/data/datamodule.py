@@ -1,0 +1,333 @@
+"""Lightning data modules: MVTec AD, the synthetic category, and the user's own folders."""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from patchae.data.cutpaste import CutPaste
+from patchae.data.download import download_mvtec
+from patchae.data.images import load_mask, load_rgb
+from patchae.data.samples import Sample, check_split, folder_samples, mvtec_samples
+from patchae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+from patchae.errors import PatchAEError
+
+logger = logging.getLogger(__name__)
+
+
+class AnomalyImageDataset(Dataset):
+    """Loads samples into dicts with ``image``, ``mask``, ``label``, ``has_mask``, ``path``, ``defect_type``.
+
+    With ``augment`` the CutPaste defect is drawn with a generator seeded from ``(seed, epoch, index)``, so
+    an item is the same whichever worker loads it and runs are reproducible; call :meth:`set_epoch` (the
+    train sampler does it) to get fresh defects every epoch. The epoch lives in shared memory so persistent
+    workers see the update.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: ImageTransform,
+        augment: CutPaste | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.augment = augment
+        self.seed = int(seed)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def item_generator(self, index: int) -> torch.Generator:
+        """The generator that drives the augmentation of item ``index`` in the current epoch."""
+        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, dtype=np.uint64)[0]
+        return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        image = self.transform.to_unit_tensor(load_rgb(sample.path))
+        size = self.transform.output_size
+        if sample.mask_path is not None:
+            mask = self.transform.mask(load_mask(sample.mask_path))
+        else:
+            mask = torch.zeros((1, size, size), dtype=torch.float32)
+        label, has_mask = sample.label, sample.has_pixel_labels
+        if self.augment is not None:
+            image, pasted = self.augment(image, generator=self.item_generator(index))
+            if bool(pasted.any()):
+                mask, label = torch.maximum(mask, pasted), 1
+        return {
+            "image": self.transform.normalize(image),
+            "mask": mask,
+            "label": torch.tensor(label, dtype=torch.int64),
+            "has_mask": torch.tensor(has_mask, dtype=torch.bool),
+            "path": str(sample.path),
+            "defect_type": sample.defect_type,
+        }
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Random order that depends only on ``(seed, epoch)``; ``set_epoch`` also reaches the dataset.
+
+    Lightning calls ``set_epoch`` on the train sampler before every epoch (also through its distributed
+    wrapper), which is how the dataset learns the epoch for its CutPaste seeds.
+    """
+
+    def __init__(self, dataset: AnomalyImageDataset, seed: int = 0) -> None:
+        self.dataset = dataset
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(len(self.dataset), generator=generator).tolist())
+
+
+class AnomalyDataModule(L.LightningDataModule, ABC):
+    """Base data module: train (normal, augmented), bank (normal, plain) and test loaders over samples.
+
+    Subclasses implement :meth:`samples`. Paths are checked in :meth:`setup` (or lazily when a loader is
+    first requested), raising :class:`~patchae.errors.PatchAEError` with a one-line explanation.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        category: str,
+        image_size: int = 256,
+        crop_size: int | None = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+        augment: CutPaste | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        counts = (
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("num_workers", num_workers, 0),
+        )
+        for name, value, minimum in counts:
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise PatchAEError(f"data.{name} must be an integer >= {minimum}, got {value!r}")
+        self.root = Path(root).expanduser()
+        self.category = str(category)
+        self.transform = ImageTransform(image_size, crop_size, mean, std)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.augment = augment
+        self.seed = int(seed)
+        self._samples: dict[str, list[Sample]] = {}
+
+    @abstractmethod
+    def samples(self, split: str) -> list[Sample]:
+        """All samples of ``split`` (``"train"`` or ``"test"``), in a deterministic order."""
+
+    # ---- Lightning hooks -------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        """List and check the samples the stage needs (``fit``: train; ``test``/``predict``/``validate``: test)."""
+        needed = {"fit": ("train",), "test": ("test",), "predict": ("test",), "validate": ("test",)}
+        for split in needed.get(stage or "", ("train", "test")):
+            self._split_samples(split)
+
+    def train_dataloader(self) -> DataLoader:
+        """Normal training images with CutPaste (if configured), reshuffled each epoch."""
+        dataset = self._dataset("train", self.augment)
+        return self._loader(
+            dataset,
+            self.batch_size,
+            sampler=EpochShuffleSampler(dataset, self.seed),
+            drop_last=len(dataset) > self.batch_size,
+        )
+
+    def bank_dataloader(self) -> DataLoader:
+        """Normal training images without augmentation, in order: the memory-bank source."""
+        return self._loader(self._dataset("train", None), self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        dataset = self._dataset("test", None)
+        if len(dataset) == 0:
+            raise PatchAEError(f"no test images for {self.name}; {self._no_test_hint()}")
+        return self._loader(dataset, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    # ---- properties ----------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.category
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """``(height, width)`` of the tensors in every batch."""
+        return (self.transform.output_size, self.transform.output_size)
+
+    @property
+    def train_samples(self) -> list[Sample]:
+        return self._split_samples("train")
+
+    @property
+    def test_samples(self) -> list[Sample]:
+        return self._split_samples("test")
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_samples)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.test_samples)
+
+    # ---- helpers -------------------------------------------------------------------------------------
+
+    def _split_samples(self, split: str) -> list[Sample]:
+        check_split(split)
+        if split not in self._samples:
+            self._samples[split] = self.samples(split)
+            if split == "train" and not self._samples[split]:
+                raise PatchAEError(f"no training images for {self.name}")
+        return self._samples[split]
+
+    def _dataset(self, split: str, augment: CutPaste | None) -> AnomalyImageDataset:
+        return AnomalyImageDataset(self._split_samples(split), self.transform, augment, self.seed)
+
+    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            **kwargs,
+        )
+
+    def _no_test_hint(self) -> str:
+        return "add test images"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r}, category={self.category!r}, {self.transform})"
+
+    __str__ = __repr__  # Lightning's __str__ builds every dataloader just to print their sizes
+
+
+class MVTecDataModule(AnomalyDataModule):
+    """One MVTec AD category (or any data in its layout) under ``root``; ``download`` fetches it if absent."""
+
+    def __init__(
+        self, root: str | Path, category: str = "bottle", download: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(root, category, **kwargs)
+        self.download = bool(download)
+
+    def prepare_data(self) -> None:
+        if self.download and not (self.root / self.category).is_dir():
+            download_mvtec(self.root, self.category)
+
+    def samples(self, split: str) -> list[Sample]:
+        return mvtec_samples(self.root, self.category, split)
+
+
+class SyntheticDataModule(AnomalyDataModule):
+    """The generated synthetic category (see :mod:`patchae.data.synthetic`), created on first use."""
+
+    def __init__(
+        self,
+        root: str | Path = "data/synthetic",
+        category: str = "synthetic",
+        n_train: int = 60,
+        n_test_good: int = 12,
+        n_test_defect: int = 24,
+        synthetic_size: int = 256,
+        synthetic_seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(root, category, **kwargs)
+        self.generator_args = {
+            "n_train": n_train,
+            "n_test_good": n_test_good,
+            "n_test_defect": n_test_defect,
+            "image_size": synthetic_size,
+            "seed": synthetic_seed,
+        }
+
+    def prepare_data(self) -> None:
+        from patchae.data.synthetic import generate_synthetic_category  # lazy: see patchae.data.__getattr__
+
+        generate_synthetic_category(self.root, self.category, **self.generator_args)
+
+    def samples(self, split: str) -> list[Sample]:
+        check_split(split)
+        self.prepare_data()  # a no-op when already generated; covers use without a Trainer
+        return mvtec_samples(self.root, self.category, split)
+
+
+class FolderDataModule(AnomalyDataModule):
+    """The user's own folders: normal images to train on, optional abnormal images (+ masks) to test on."""
+
+    def __init__(
+        self,
+        normal_dir: str | Path,
+        abnormal_dir: str | Path | None = None,
+        mask_dir: str | Path | None = None,
+        normal_test_dir: str | Path | None = None,
+        test_split_ratio: float = 0.2,
+        root: str | Path | None = None,
+        category: str = "custom",
+        **kwargs: Any,
+    ) -> None:
+        if normal_dir is None:
+            raise PatchAEError(
+                "data.normal_dir is required for folder data: set it to a folder of normal images"
+            )
+        normal_dir = Path(normal_dir).expanduser()
+        super().__init__(root if root is not None else normal_dir.parent, category, **kwargs)
+        self.normal_dir = normal_dir
+        self.abnormal_dir = abnormal_dir
+        self.mask_dir = mask_dir
+        self.normal_test_dir = normal_test_dir
+        self.test_split_ratio = test_split_ratio
+
+    def samples(self, split: str) -> list[Sample]:
+        return folder_samples(
+            self.normal_dir,
+            self.abnormal_dir,
+            self.mask_dir,
+            self.normal_test_dir,
+            split=split,
+            test_split_ratio=self.test_split_ratio,
+            seed=self.seed,
+        )
+
+    def _no_test_hint(self) -> str:
+        return "set data.abnormal_dir and/or data.normal_test_dir"
