@@ -1,0 +1,180 @@
+"""LightningModules: the memory-bank scoring shared by every model, and the trainable Patch AE."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+
+from patchae.errors import PatchAEError
+from patchae.memory import MemoryBank, torch_nearest
+from patchae.metrics import AnomalyMetrics
+from patchae.models.patch_ae import PatchAE, patch_ae_loss
+from patchae.scoring import anomaly_maps, image_scores
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+class AnomalyModule(L.LightningModule):
+    """Scores images against a memory bank of normal patch embeddings.
+
+    Subclasses provide ``embed(images) -> (B, D, h, w)``. The bank is filled by
+    :class:`patchae.callbacks.MemoryBankCallback` and saved in the checkpoint, so a loaded model scores
+    without its training data.
+    """
+
+    def __init__(
+        self,
+        num_neighbors: int = 1,
+        blur_sigma: float = 4.0,
+        search: str = "faiss",
+        faiss_device: str = "auto",
+        faiss_index: str = "flat",
+    ) -> None:
+        super().__init__()
+        if search not in ("faiss", "torch"):
+            raise PatchAEError(f"bank.search={search} is unknown; use faiss or torch")
+        self.register_buffer("memory_bank", torch.empty(0, 0))
+        self._index: MemoryBank | None = None
+        self.test_metrics = AnomalyMetrics()
+        self.test_results: dict[str, float] = {}
+
+    # -- the bank ---------------------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(B*h*w, D) patch embeddings, the rows the bank is made of."""
+        embedding = self.embed(images)
+        return embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
+
+    def set_memory_bank(self, vectors: torch.Tensor) -> None:
+        self.memory_bank = vectors.detach().to(self.device, torch.float32).contiguous()
+        self._index = None
+
+    @property
+    def has_memory_bank(self) -> bool:
+        return self.memory_bank.numel() > 0
+
+    def nearest_distances(self, queries: torch.Tensor) -> torch.Tensor:
+        """(Q, k) Euclidean distances of each query to its k nearest bank vectors."""
+        k = self.hparams.num_neighbors
+        if self.hparams.search == "torch":
+            return torch_nearest(queries, self.memory_bank, k=k)[0]
+        if self._index is None:
+            self._index = MemoryBank(
+                self.memory_bank.cpu(), device=self.hparams.faiss_device, index=self.hparams.faiss_index
+            )
+        return self._index.search(queries, k=k)[0].to(queries.device)
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) anomaly score of every patch: distance to the nearest normal patch (mean over k)."""
+        if not self.has_memory_bank:
+            raise PatchAEError("this model has no memory bank; train it first (the bank is built at the end of fit)")
+        embedding = self.embed(images)
+        batch, dim, height, width = embedding.shape
+        queries = embedding.permute(0, 2, 3, 1).reshape(-1, dim)
+        return self.nearest_distances(queries).mean(dim=1).reshape(batch, height, width)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomaly maps (B, H, W) at input resolution and image scores (B,)."""
+        maps = anomaly_maps(self.patch_scores(images), images.shape[-2:], self.hparams.blur_sigma)
+        return maps, image_scores(maps)
+
+    # -- testing ----------------------------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        self.test_metrics.reset()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        maps, scores = self(batch["image"])
+        self.test_metrics.update(
+            scores.cpu(), batch["label"].cpu(), maps.cpu(), batch["mask"][:, 0].cpu(), batch["has_mask"].cpu()
+        )
+        return {"anomaly_maps": maps.cpu(), "image_scores": scores.cpu()}
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self.test_metrics.compute()
+        self.log_dict({f"test/{name}": value for name, value in self.test_results.items()})
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The bank's size is only known once trained: shape the buffer before the state dict is copied in.
+        bank = checkpoint["state_dict"].get("memory_bank")
+        if bank is not None:
+            self.memory_bank = torch.empty_like(bank)
+            self._index = None
+
+
+class PatchAEModule(AnomalyModule):
+    """Patch AE: fine-tunes the encoder by patch-wise reconstruction of CutPaste-augmented normal images."""
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        layers: Sequence[int] = (2, 3),
+        pretrained: bool = True,
+        weights: str | None = None,
+        c3: int | None = None,
+        decoder_hidden: int | None = None,
+        activation: str = "relu",
+        freeze_backbone: bool = False,
+        freeze_batchnorm: bool = True,
+        alpha: float = 0.5,
+        optimizer: str = "adam",
+        lr: float = 1e-4,
+        backbone_lr: float | None = None,
+        weight_decay: float = 0.0,
+        num_neighbors: int = 1,
+        blur_sigma: float = 4.0,
+        search: str = "faiss",
+        faiss_device: str = "auto",
+        faiss_index: str = "flat",
+        image_size: int = 256,
+        crop_size: int | None = 224,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+    ) -> None:
+        super().__init__(num_neighbors, blur_sigma, search, faiss_device, faiss_index)
+        # Everything, preprocessing included, goes into the checkpoint so a saved model predicts on its own.
+        self.save_hyperparameters()
+        if optimizer not in OPTIMIZERS:
+            raise PatchAEError(f"optimizer.name={optimizer} is unknown; choose one of {sorted(OPTIMIZERS)}")
+        if not 0.0 <= alpha <= 1.0:
+            raise PatchAEError(f"loss.alpha={alpha} must be in [0, 1]")
+        self.model = PatchAE(backbone, layers, pretrained, weights, c3, decoder_hidden, activation)
+        if freeze_backbone:
+            self.model.backbone.requires_grad_(False)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        self.model.check_input(images)
+        return self.model.encode(images)
+
+    def train(self, mode: bool = True) -> PatchAEModule:
+        super().train(mode)
+        # Small anomaly-detection batches make poor BatchNorm statistics: keep the pretrained ones.
+        if mode and (self.hparams.freeze_batchnorm or self.hparams.freeze_backbone):
+            for module in self.model.backbone.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        images = batch["image"]
+        self.model.check_input(images)
+        _, reconstruction = self.model(images)
+        loss = patch_ae_loss(reconstruction, images, self.model.stride, self.hparams.alpha)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        backbone_lr = self.hparams.backbone_lr if self.hparams.backbone_lr is not None else self.hparams.lr
+        head = [p for name, p in self.model.named_parameters() if not name.startswith("backbone.")]
+        groups = [{"params": head, "lr": self.hparams.lr}]
+        backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        if backbone:
+            groups.append({"params": backbone, "lr": backbone_lr})
+        return OPTIMIZERS[self.hparams.optimizer](groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -1,0 +1,105 @@
+"""One run: data, model, fit (bank built at its end), save the checkpoint, test, report."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from patchae.callbacks import ResultsWriter
+from patchae.errors import PatchAEError
+
+log = logging.getLogger(__name__)
+
+REPORTED_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """Instantiate the data module, the model and the trainer (with callbacks and loggers) from a config."""
+    # Passed as a config node: Hydra would turn an already-built (dataclass) CutPaste back into a dict.
+    augment = cfg.augment if cfg.get("augment") else None
+    datamodule = instantiate(cfg.data, augment=augment, _convert_="all")
+    model = instantiate(cfg.model, _convert_="all")
+    callbacks = [instantiate(node, _convert_="all") for node in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(node, _convert_="all") for node in (cfg.get("logger") or {}).values()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    return datamodule, model, trainer
+
+
+def run_metadata(cfg: DictConfig, model: L.LightningModule) -> dict[str, Any]:
+    """What identifies a run in results files and dashboards."""
+    return {
+        "category": cfg.category,
+        "model": type(model).__name__,
+        "backbone": cfg.backbone.name,
+        "layers": "+".join(str(layer) for layer in cfg.backbone.layers),
+        "alpha": cfg.loss.alpha,
+        "experiment": cfg.experiment_name,
+        "seed": cfg.seed,
+    }
+
+
+def print_results(results: dict[str, Any]) -> None:
+    table = Table(title=f"{results.get('category')}: {results.get('model')} ({results.get('backbone')})")
+    for name in REPORTED_METRICS:
+        table.add_column(name)
+    table.add_row(*(f"{results.get(name, math.nan):.4f}" for name in REPORTED_METRICS))
+    Console().print(table)
+
+
+def fit_and_test(cfg: DictConfig) -> dict[str, Any]:
+    L.seed_everything(cfg.seed, workers=True)
+    try:
+        datamodule, model, trainer = build(cfg)
+    except InstantiationException as error:
+        # Hydra wraps our own errors; unwrap them so the user sees one clear line.
+        cause = error.__cause__
+        while cause is not None and not isinstance(cause, PatchAEError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise PatchAEError(str(error).splitlines()[0]) from None
+    output_dir = Path(cfg.paths.output_dir)
+    metadata = run_metadata(cfg, model)
+    for callback in trainer.callbacks:
+        if isinstance(callback, ResultsWriter):
+            callback.metadata.update(metadata)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(model, datamodule=datamodule)
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    # Saved after testing so that what the test learns (thresholds) travels with the model.
+    trainer.save_checkpoint(output_dir / "model.ckpt")
+    results = {**metadata, **model.test_results, "run_dir": str(output_dir)}
+    print_results(results)
+    log.info("results, checkpoint and overlays in %s", output_dir)
+    return results
+
+
+def is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run(cfg: DictConfig) -> float:
+    """Hydra task: returns ``cfg.optimized_metric`` for sweepers. A user error ends a single run with one
+    line; in a multirun it is logged and the sweep goes on with the other jobs."""
+    try:
+        results = fit_and_test(cfg)
+    except PatchAEError as error:
+        if is_multirun():
+            log.error("error: %s", error)
+            return math.nan
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    return float(results.get(cfg.optimized_metric, math.nan))
