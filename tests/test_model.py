@@ -72,7 +72,9 @@ def test_loss_equals_hand_computed_value(alpha, expected):
     second = torch.tensor([1.0, -1.0] * 6)
     target = torch.stack([first, second])[None]
     prediction = torch.stack([first + 1, -second])[None]
-    loss = patch_ae_loss(images_from_patches(prediction, 2, (1, 2)), images_from_patches(target, 2, (1, 2)), 2, alpha)
+    loss = patch_ae_loss(
+        images_from_patches(prediction, 2, (1, 2)), images_from_patches(target, 2, (1, 2)), 2, alpha
+    )
     assert loss.item() == pytest.approx(expected * math.sqrt(12), rel=1e-5)
 
 

@@ -30,8 +30,13 @@ log = logging.getLogger(__name__)
 
 def progress_bar() -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("eta"), TimeRemainingColumn(), transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        transient=False,
     )
 
 
@@ -66,8 +71,11 @@ class MemoryBankCallback(L.Callback):
                 progress.update(task, completed=done, total=total)
 
             indices = greedy_coreset(
-                vectors.to(pl_module.device), ratio=self.coreset_ratio, projection_dim=self.projection_dim,
-                seed=self.seed, progress=report,
+                vectors.to(pl_module.device),
+                ratio=self.coreset_ratio,
+                projection_dim=self.projection_dim,
+                seed=self.seed,
+                progress=report,
             )
         pl_module.set_memory_bank(vectors[indices.cpu()])
         log.info("memory bank: %d of %d patch vectors (dim %d)", len(indices), len(vectors), vectors.shape[1])
@@ -88,7 +96,9 @@ class ResultsWriter(L.Callback):
     """Writes ``results.json``/``results.csv`` (metrics, timings, run metadata), ``predictions.csv``
     (one row per test image) and anomaly-map overlays of a few images per defect type."""
 
-    def __init__(self, output_dir: str, metadata: dict[str, Any] | None = None, overlays_per_type: int = 2) -> None:
+    def __init__(
+        self, output_dir: str, metadata: dict[str, Any] | None = None, overlays_per_type: int = 2
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.metadata = dict(metadata or {})
         self.overlays_per_type = overlays_per_type
@@ -110,31 +120,57 @@ class ResultsWriter(L.Callback):
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         maps, scores = outputs["anomaly_maps"], outputs["image_scores"]
-        self.map_range = [min(self.map_range[0], maps.min().item()), max(self.map_range[1], maps.max().item())]
+        self.map_range = [
+            min(self.map_range[0], maps.min().item()),
+            max(self.map_range[1], maps.max().item()),
+        ]
         for i, path in enumerate(batch["path"]):
             defect_type = batch["defect_type"][i]
-            self.rows.append({"path": path, "defect_type": defect_type, "label": int(batch["label"][i]),
-                              "score": float(scores[i])})
+            self.rows.append(
+                {
+                    "path": path,
+                    "defect_type": defect_type,
+                    "label": int(batch["label"][i]),
+                    "score": float(scores[i]),
+                }
+            )
             if self.per_type.get(defect_type, 0) < self.overlays_per_type:
                 self.per_type[defect_type] = self.per_type.get(defect_type, 0) + 1
-                self.selected.append({"path": path, "defect_type": defect_type, "image": batch["image"][i].cpu(),
-                                      "map": maps[i], "mask": batch["mask"][i, 0].cpu() > 0.5})
+                self.selected.append(
+                    {
+                        "path": path,
+                        "defect_type": defect_type,
+                        "image": batch["image"][i].cpu(),
+                        "map": maps[i],
+                        "mask": batch["mask"][i, 0].cpu() > 0.5,
+                    }
+                )
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         elapsed = time.perf_counter() - self._test_start
         self.timings["test_images_per_second"] = len(self.rows) / max(elapsed, 1e-9)
         self.timings["peak_memory_mb"] = peak_memory_mb()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        results = {**self.metadata, **pl_module.test_results, **self.timings,
-                   "bank_size": int(pl_module.memory_bank.shape[0]), "test_images": len(self.rows)}
+        results = {
+            **self.metadata,
+            **pl_module.test_results,
+            **self.timings,
+            "bank_size": int(pl_module.memory_bank.shape[0]),
+            "test_images": len(self.rows),
+        }
         (self.output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
         write_csv(self.output_dir / "results.csv", [results])
         write_csv(self.output_dir / "predictions.csv", self.rows)
         mean, std = pl_module.hparams.mean, pl_module.hparams.std
         for item in self.selected:
             name = f"{item['defect_type']}_{Path(item['path']).stem}.png"
-            save_overlay(self.output_dir / "overlays" / name, denormalize(item["image"], mean, std),
-                         item["map"].numpy(), *self.map_range, mask=item["mask"].numpy())
+            save_overlay(
+                self.output_dir / "overlays" / name,
+                denormalize(item["image"], mean, std),
+                item["map"].numpy(),
+                *self.map_range,
+                mask=item["mask"].numpy(),
+            )
         self.results = results
 
 

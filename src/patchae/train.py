@@ -87,6 +87,15 @@ def fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def user_message(error: PatchAEError) -> str:
+    """The one line to show. A DataLoader worker re-raises our error with its traceback inside the message:
+    keep only the original line."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and "DataLoader worker" in lines[0]:
+        return lines[-1].split("PatchAEError: ", 1)[-1]
+    return lines[0] if lines else type(error).__name__
+
+
 def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
@@ -98,8 +107,8 @@ def run(cfg: DictConfig) -> float:
         results = fit_and_test(cfg)
     except PatchAEError as error:
         if is_multirun():
-            log.error("error: %s", error)
+            log.error("error: %s", user_message(error))
             return math.nan
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {user_message(error)}", file=sys.stderr)
         sys.exit(1)
     return float(results.get(cfg.optimized_metric, math.nan))

@@ -47,10 +47,14 @@ def packaged_weights_file(name: str) -> Path | None:
     if len(source) != len(reference) or any(
         a.shape != b.shape for a, b in zip(source.values(), reference.values(), strict=True)
     ):
-        raise PatchAEError(f"the weights in package {module_name} do not match timm's {name}; reinstall the package")
+        raise PatchAEError(
+            f"the weights in package {module_name} do not match timm's {name}; reinstall the package"
+        )
     # Keep only what a features_only model has, so loading it warns about nothing.
     wanted = timm.create_model(name, pretrained=False, features_only=True).state_dict().keys()
-    renamed = {key: value for key, value in zip(reference.keys(), source.values(), strict=True) if key in wanted}
+    renamed = {
+        key: value for key, value in zip(reference.keys(), source.values(), strict=True) if key in wanted
+    }
     converted.parent.mkdir(parents=True, exist_ok=True)
     tmp = converted.with_suffix(".tmp")
     torch.save(renamed, tmp)
@@ -68,21 +72,31 @@ def create_feature_extractor(
     about to be loaded anyway).
     """
     if not timm.is_model(name):
-        raise PatchAEError(f"unknown backbone '{name}'; use a timm model name (timm.list_models()) or a backbone=... preset")
+        raise PatchAEError(
+            f"unknown backbone '{name}'; use a timm model name (timm.list_models()) or a backbone=... preset"
+        )
     overlay = None
     if pretrained:
         if weights is not None:
             if not Path(weights).is_file():
-                raise PatchAEError(f"backbone weights file {weights} not found; fix backbone.weights or set it to null")
+                raise PatchAEError(
+                    f"backbone weights file {weights} not found; fix backbone.weights or set it to null"
+                )
             overlay = {"file": str(weights)}
         elif (packaged := packaged_weights_file(name)) is not None:
             overlay = {"file": str(packaged)}
     try:
         model = timm.create_model(
-            name, pretrained=pretrained, features_only=True, out_indices=tuple(layers), pretrained_cfg_overlay=overlay
+            name,
+            pretrained=pretrained,
+            features_only=True,
+            out_indices=tuple(layers),
+            pretrained_cfg_overlay=overlay,
         )
     except (IndexError, ValueError, AssertionError) as error:
-        raise PatchAEError(f"backbone {name} has no feature stages {list(layers)} ({error}); pick other backbone.layers") from None
+        raise PatchAEError(
+            f"backbone {name} has no feature stages {list(layers)} ({error}); pick other backbone.layers"
+        ) from None
     except (OSError, RuntimeError) as error:
         # Offline, the hub raises OSError subclasses; a bad local file raises RuntimeError.
         reason = str(error).splitlines()[0][:160]

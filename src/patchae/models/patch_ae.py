@@ -36,9 +36,13 @@ class PatchAE(nn.Module):
     ) -> None:
         super().__init__()
         if len(layers) < 1:
-            raise PatchAEError("backbone.layers is empty; give at least one stage, e.g. backbone.layers=[2,3]")
+            raise PatchAEError(
+                "backbone.layers is empty; give at least one stage, e.g. backbone.layers=[2,3]"
+            )
         if activation not in ACTIVATIONS:
-            raise PatchAEError(f"model.activation={activation} is unknown; choose one of {sorted(ACTIVATIONS)}")
+            raise PatchAEError(
+                f"model.activation={activation} is unknown; choose one of {sorted(ACTIVATIONS)}"
+            )
         self.backbone = create_feature_extractor(backbone, layers, pretrained=pretrained, weights=weights)
         channels = self.backbone.feature_info.channels()
         reductions = self.backbone.feature_info.reduction()
@@ -47,17 +51,26 @@ class PatchAE(nn.Module):
         concat = sum(channels)
         self.c3 = int(c3) if c3 else concat // 2
         if not 0 < self.c3 < concat:
-            raise PatchAEError(f"model.c3={self.c3} must compress the {concat} concatenated channels (0 < c3 < {concat})")
+            raise PatchAEError(
+                f"model.c3={self.c3} must compress the {concat} concatenated channels (0 < c3 < {concat})"
+            )
         self.compress = nn.Sequential(
-            conv1x1(concat, (concat + self.c3) // 2), nn.ReLU(), conv1x1((concat + self.c3) // 2, self.c3), nn.ReLU()
+            conv1x1(concat, (concat + self.c3) // 2),
+            nn.ReLU(),
+            conv1x1((concat + self.c3) // 2, self.c3),
+            nn.ReLU(),
         )
         patch_values = 3 * self.stride * self.stride
         hidden = int(decoder_hidden) if decoder_hidden else max(self.c3, patch_values)
-        self.decoder = nn.Sequential(conv1x1(self.c3, hidden), ACTIVATIONS[activation](), conv1x1(hidden, patch_values))
+        self.decoder = nn.Sequential(
+            conv1x1(self.c3, hidden), ACTIVATIONS[activation](), conv1x1(hidden, patch_values)
+        )
 
     def check_input(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
-            raise PatchAEError(f"expected a batch of RGB images (B, 3, H, W), got shape {tuple(images.shape)}")
+            raise PatchAEError(
+                f"expected a batch of RGB images (B, 3, H, W), got shape {tuple(images.shape)}"
+            )
         if images.shape[-2] % self.max_stride or images.shape[-1] % self.max_stride:
             raise PatchAEError(
                 f"input size {tuple(images.shape[-2:])} is not a multiple of the backbone's stride {self.max_stride}; "
