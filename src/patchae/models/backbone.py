@@ -99,7 +99,7 @@ def create_feature_extractor(
         ) from None
     except (OSError, RuntimeError) as error:
         # Offline, the hub raises OSError subclasses; a bad local file raises RuntimeError.
-        reason = str(error).splitlines()[0][:160]
+        reason = str(error).splitlines()[0].split(". ")[0][:160]
         raise PatchAEError(
             f"could not load pretrained weights for {name} ({type(error).__name__}: {reason}); offline, use "
             "backbone=efficientnet_lite0 (weights ship with pip) or backbone.weights=/path/to/weights.pth"
