@@ -30,10 +30,17 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     # Passed as a config node: Hydra would turn an already-built (dataclass) CutPaste back into a dict.
     augment = cfg.augment if cfg.get("augment") else None
     datamodule = instantiate(cfg.data, augment=augment, _convert_="all")
+    # Check the data before building the model: a wrong path should not wait for a weights download.
+    datamodule.prepare_data()
+    datamodule.setup("fit")
     model = instantiate(cfg.model, _convert_="all")
     callbacks = [instantiate(node, _convert_="all") for node in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(node, _convert_="all") for node in (cfg.get("logger") or {}).values()]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
+    # A model with nothing to train (PatchCore) skips the fit loop; on_fit_end still builds its memory bank.
+    no_training = {} if getattr(model, "requires_training", True) else {"limit_train_batches": 0}
+    trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **no_training, _convert_="all"
+    )
     return datamodule, model, trainer
 
 
@@ -44,7 +51,7 @@ def run_metadata(cfg: DictConfig, model: L.LightningModule) -> dict[str, Any]:
         "model": type(model).__name__,
         "backbone": cfg.backbone.name,
         "layers": "+".join(str(layer) for layer in cfg.backbone.layers),
-        "alpha": cfg.loss.alpha,
+        "alpha": model.hparams.get("alpha"),  # None for models without the Patch AE loss (PatchCore)
         "experiment": cfg.experiment_name,
         "seed": cfg.seed,
     }
@@ -69,7 +76,8 @@ def fit_and_test(cfg: DictConfig) -> dict[str, Any]:
             cause = cause.__cause__
         if cause is not None:
             raise cause from None
-        raise PatchAEError(str(error).splitlines()[0]) from None
+        # Anything else is most often a config key the target does not take: say which and why.
+        raise PatchAEError(f"{str(error).splitlines()[0]} {error.__cause__!r}") from None
     output_dir = Path(cfg.paths.output_dir)
     metadata = run_metadata(cfg, model)
     for callback in trainer.callbacks:

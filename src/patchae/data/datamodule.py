@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -62,10 +63,13 @@ class AnomalyImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        image = self.transform.to_unit_tensor(load_rgb(sample.path))
+        picture = load_rgb(sample.path)
+        image = self.transform.to_unit_tensor(picture)
         size = self.transform.output_size
         if sample.mask_path is not None:
-            mask = self.transform.mask(load_mask(sample.mask_path))
+            mask_image = load_mask(sample.mask_path)
+            check_mask_size(mask_image.size, picture.size, sample)
+            mask = self.transform.mask(mask_image)
         else:
             mask = torch.zeros((1, size, size), dtype=torch.float32)
         label, has_mask = sample.label, sample.has_pixel_labels
@@ -81,6 +85,19 @@ class AnomalyImageDataset(Dataset):
             "path": str(sample.path),
             "defect_type": sample.defect_type,
         }
+
+
+def check_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int], sample: Sample) -> None:
+    """A mask must cover its image: same size, or a scaled copy (same aspect ratio within 1 %, resized along)."""
+    if mask_size == image_size:
+        return
+    (mask_w, mask_h), (image_w, image_h) = mask_size, image_size
+    if abs(mask_w / mask_h - image_w / image_h) <= 0.01 * image_w / image_h:
+        return
+    raise PatchAEError(
+        f"mask {sample.mask_path} is {mask_w}x{mask_h} pixels but its image {sample.path} is {image_w}x{image_h}; "
+        "masks must match their image (or be a scaled copy of it): fix or remove the mask"
+    )
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -107,11 +124,34 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(torch.randperm(len(self.dataset), generator=generator).tolist())
 
 
+HOLDOUT = "holdout"
+
+
+def hold_out(samples: Sequence[Sample], ratio: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Split ``ratio`` of the samples off (at least one, never all), chosen by ``seed``; order is kept."""
+    samples = list(samples)
+    if ratio <= 0:
+        return samples, []
+    if len(samples) < 2:
+        logger.warning(
+            "only %d training image(s): nothing can be held out for the label-free threshold", len(samples)
+        )
+        return samples, []
+    count = min(max(1, round(len(samples) * ratio)), len(samples) - 1)
+    chosen = set(random.Random(seed).sample(range(len(samples)), count))
+    kept = [s for i, s in enumerate(samples) if i not in chosen]
+    return kept, [s for i, s in enumerate(samples) if i in chosen]
+
+
 class AnomalyDataModule(L.LightningDataModule, ABC):
     """Base data module: train (normal, augmented), bank (normal, plain) and test loaders over samples.
 
     Subclasses implement :meth:`samples`. Paths are checked in :meth:`setup` (or lazily when a loader is
     first requested), raising :class:`~patchae.errors.PatchAEError` with a one-line explanation.
+
+    ``holdout_ratio`` of the normal training images (chosen by ``seed``) are kept out of training and of
+    the memory bank; :meth:`holdout_dataloader` serves them so a model can calibrate a label-free threshold
+    on scores of normal images it has never seen.
     """
 
     def __init__(
@@ -127,8 +167,11 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         num_workers: int = 0,
         augment: CutPaste | None = None,
         seed: int = 0,
+        holdout_ratio: float = 0.0,
     ) -> None:
         super().__init__()
+        if isinstance(holdout_ratio, bool) or not 0.0 <= float(holdout_ratio) < 1.0:
+            raise PatchAEError(f"data.holdout_ratio must be in [0, 1), got {holdout_ratio!r}")
         counts = (
             ("batch_size", batch_size, 1),
             ("eval_batch_size", eval_batch_size, 1),
@@ -145,6 +188,7 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         self.num_workers = num_workers
         self.augment = augment
         self.seed = int(seed)
+        self.holdout_ratio = float(holdout_ratio)
         self._samples: dict[str, list[Sample]] = {}
 
     @abstractmethod
@@ -173,6 +217,12 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         """Normal training images without augmentation, in order: the memory-bank source."""
         return self._loader(self._dataset("train", None), self.eval_batch_size)
 
+    def holdout_dataloader(self) -> DataLoader | None:
+        """Held-out normal training images (never trained on, not in the bank), or None without any."""
+        if not self.holdout_samples:
+            return None
+        return self._loader(self._dataset(HOLDOUT, None), self.eval_batch_size)
+
     def test_dataloader(self) -> DataLoader:
         dataset = self._dataset("test", None)
         if len(dataset) == 0:
@@ -198,6 +248,10 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         return self._split_samples("train")
 
     @property
+    def holdout_samples(self) -> list[Sample]:
+        return self._split_samples(HOLDOUT)
+
+    @property
     def test_samples(self) -> list[Sample]:
         return self._split_samples("test")
 
@@ -212,11 +266,17 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
     # ---- helpers -------------------------------------------------------------------------------------
 
     def _split_samples(self, split: str) -> list[Sample]:
+        if split == HOLDOUT:
+            self._split_samples("train")
+            return self._samples[HOLDOUT]
         check_split(split)
         if split not in self._samples:
-            self._samples[split] = self.samples(split)
-            if split == "train" and not self._samples[split]:
-                raise PatchAEError(f"no training images for {self.name}")
+            samples = self.samples(split)
+            if split == "train":
+                if not samples:
+                    raise PatchAEError(f"no training images for {self.name}")
+                samples, self._samples[HOLDOUT] = hold_out(samples, self.holdout_ratio, self.seed)
+            self._samples[split] = samples
         return self._samples[split]
 
     def _dataset(self, split: str, augment: CutPaste | None) -> AnomalyImageDataset:

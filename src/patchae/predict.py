@@ -1,0 +1,680 @@
+"""Screening new images with a trained checkpoint: scores, decisions, anomaly maps, overlays and summaries.
+
+``python predict.py ckpt=<model.ckpt> input=<image | folder | 'glob' | -> [output=<dir>]`` (see
+conf/predict.yaml). The checkpoint holds everything needed (weights, memory bank, preprocessing, the
+calibrated threshold), so no training data is read.
+
+Preprocessing is the one the model was tested with (resize to ``image_size``, centre crop to ``crop_size``,
+normalise), so scores are comparable with the calibrated threshold. The anomaly map is brought back to the
+image's original size; with a centre crop, the cropped-away border was never scored and is filled with the
+map's minimum (it shows as "least anomalous", it is not evidence of normality).
+
+One unreadable file never stops a run: it is reported (console, ``predictions.csv``, ``summary.json``) and
+the other images are processed.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import importlib
+import io
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from PIL import Image, ImageDraw, ImageFont
+
+from patchae.data import IMAGE_EXTENSIONS, ImageTransform, load_rgb
+from patchae.data.images import is_image_file
+from patchae.errors import PatchAEError
+from patchae.models.module import CHECKPOINT_KEY, AnomalyModule, PatchAEModule
+from patchae.thresholds import Thresholds
+from patchae.visualize import heatmap
+
+log = logging.getLogger(__name__)
+
+GOOD = "good"
+_GLOB_CHARS = set("*?[")
+
+
+# -- the model --------------------------------------------------------------------------------------------
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise PatchAEError(f"device={device} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise PatchAEError(f"device={device} but no CUDA GPU is visible; use device=cpu or device=auto")
+    return resolved
+
+
+def set_threads(threads: int) -> None:
+    """CPU threads of torch and of faiss's OpenMP search."""
+    import faiss
+
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise PatchAEError(f"threads must be a positive integer or null, got {threads!r}")
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The raw checkpoint dict (memory-mapped, so reading it costs little), with one-line errors."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PatchAEError(f"checkpoint {path} not found; pass ckpt=<run dir>/model.ckpt written by train.py")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # torch raises many kinds for foreign or damaged files
+        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        raise PatchAEError(
+            f"cannot read checkpoint {path} ({reason}); it is damaged or not a PyTorch file: use a model.ckpt written by train.py"
+        ) from None
+    if (
+        not isinstance(checkpoint, dict)
+        or "state_dict" not in checkpoint
+        or "hyper_parameters" not in checkpoint
+    ):
+        raise PatchAEError(
+            f"{path} is not a patchae checkpoint (no state_dict/hyper_parameters); use a model.ckpt written by train.py"
+        )
+    return checkpoint
+
+
+def checkpoint_class(checkpoint: dict[str, Any], path: Path) -> type[AnomalyModule]:
+    """The model class recorded in the checkpoint (PatchAEModule for checkpoints that record none)."""
+    name = checkpoint.get(CHECKPOINT_KEY, {}).get("model_class")
+    if name is None:
+        return PatchAEModule
+    module_name, _, class_name = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        raise PatchAEError(
+            f"checkpoint {path} was saved by model class {name}, which this patchae does not have; update patchae"
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, AnomalyModule)):
+        raise PatchAEError(f"checkpoint {path} names {name}, which is not an anomaly model")
+    return cls
+
+
+def load_model(path: str | Path, device: str = "cpu", **overrides: Any) -> AnomalyModule:
+    """A trained model, in eval mode on ``device``, from a checkpoint written by train.py.
+
+    ``overrides`` replace hyper-parameters the model was saved with (e.g. ``search="torch"``); names the
+    model does not have are ignored. Pretrained weights are never downloaded: the checkpoint has them.
+    """
+    path = Path(path).expanduser()
+    checkpoint = read_checkpoint(path)
+    cls = checkpoint_class(checkpoint, path)
+    hparams = checkpoint["hyper_parameters"]
+    kwargs = {
+        key: value
+        for key, value in {"pretrained": False, **overrides}.items()
+        if key in hparams and value is not None
+    }
+    try:
+        model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=False, **kwargs)
+    except RuntimeError as error:
+        first = str(error).splitlines()
+        detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first else "")[:160]
+        raise PatchAEError(
+            f"checkpoint {path}: its weights do not fit a {cls.__name__} with backbone {hparams.get('backbone')} "
+            f"layers {hparams.get('layers')} ({detail}); it was saved from another model/backbone than its settings say: "
+            "retrain, or use the model.ckpt of the matching run"
+        ) from None
+    if not model.has_memory_bank:
+        raise PatchAEError(
+            f"checkpoint {path} has no memory bank (saved before the end of training); use the model.ckpt a finished run wrote"
+        )
+    return model.to(resolve_device(device)).eval()
+
+
+def pick_thresholds(
+    thresholds: Thresholds,
+    value: float | None = None,
+    method: str | None = None,
+    quantile: float | None = None,
+    source: str = "the checkpoint",
+) -> Thresholds:
+    """The thresholds to decide with: a raw ``value`` beats a re-picked ``quantile`` beats ``method``."""
+    if value is not None:
+        return thresholds.with_value(value)
+    if quantile is not None:
+        return thresholds.with_quantile(quantile)
+    if method is not None:
+        return thresholds.with_method(method)
+    if not thresholds.is_set:
+        raise PatchAEError(
+            f"{source} has no calibrated threshold (its test split lacked normal or anomalous images and there were "
+            "no held-out normals); pass threshold=<raw score>"
+        )
+    return thresholds
+
+
+# -- inputs -----------------------------------------------------------------------------------------------
+def find_images(spec: str | Path) -> list[Path]:
+    """The images an ``input=`` names: one file, a folder (recursively), or a glob pattern.
+
+    An MVTec-style category folder (one with a ``test/`` subfolder) means its ``test/`` images.
+    """
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        if (path / "test").is_dir() and not any(is_image_file(p) for p in path.iterdir()):
+            log.info("%s looks like an MVTec AD category: predicting on its test/ images", path)
+            path = path / "test"
+            if not (path / GOOD).is_dir():
+                log.warning(
+                    "%s has no good/ folder: every labelled image is anomalous, so accuracy only measures recall",
+                    path,
+                )
+        images = sorted(p for p in path.rglob("*") if is_image_file(p) and not _hidden(p, path))
+        if not images:
+            raise PatchAEError(
+                f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}; point input= at a folder with images"
+            )
+        return images
+    if _GLOB_CHARS & set(text):
+        images = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if is_image_file(p))
+        if not images:
+            raise PatchAEError(
+                f"input pattern {text} matches no images ({', '.join(IMAGE_EXTENSIONS)}); check the pattern"
+            )
+        return images
+    raise PatchAEError(
+        f"input {path} not found; pass an image, a folder, a quoted glob ('dir/*.png') or - for paths on stdin"
+    )
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def stdin_paths() -> Iterator[Path]:
+    """Paths read from stdin one per line, as they arrive (blank lines skipped)."""
+    for line in sys.stdin:
+        if line.strip():
+            yield Path(line.strip()).expanduser()
+
+
+def folder_label(path: Path) -> int | None:
+    """Label implied by the MVTec layout: ``.../good/x`` is normal (0); ``.../test/<defect>/x`` and a
+    folder next to a ``good/`` one are anomalous (1); anything else is unlabelled (None)."""
+    parent = path.parent
+    if parent.name == GOOD:
+        return 0
+    if parent.parent.name == "test" or (parent.parent / GOOD).is_dir():
+        return 1
+    return None
+
+
+# -- prediction -------------------------------------------------------------------------------------------
+@dataclass
+class Prediction:
+    """The result for one image. ``anomaly_map`` is the normalised map (0.5 = threshold) at the image's
+    original size; ``error`` is set (and the rest empty) when the image could not be read."""
+
+    path: str
+    score: float = math.nan
+    normalized_score: float = math.nan
+    anomalous: bool | None = None
+    label: int | None = None
+    height: int = 0
+    width: int = 0
+    anomaly_map: np.ndarray | None = field(default=None, repr=False)
+    image: np.ndarray | None = field(default=None, repr=False)  # the RGB input, kept for overlays
+    error: str | None = None
+
+    @property
+    def decision(self) -> str:
+        if self.error is not None:
+            return "error"
+        return "anomalous" if self.anomalous else "normal"
+
+    @property
+    def correct(self) -> bool | None:
+        if self.error is not None or self.label is None:
+            return None
+        return bool(self.anomalous) == bool(self.label)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "score": self.score,
+            "normalized_score": self.normalized_score,
+            "decision": self.decision,
+            "label": {0: "normal", 1: "anomalous", None: ""}[self.label],
+            "correct": "" if self.correct is None else int(self.correct),
+            "height": self.height,
+            "width": self.width,
+            "error": self.error or "",
+        }
+
+
+@dataclass
+class LoadedImage:
+    path: str
+    tensor: torch.Tensor | None = None  # normalised (3, S, S) model input
+    size: tuple[int, int] = (0, 0)  # original (height, width)
+    pixels: np.ndarray | None = None  # original RGB, when overlays are wanted
+    error: str | None = None
+
+
+def as_rgb(image: Image.Image | np.ndarray) -> Image.Image:
+    """An in-memory image as 8-bit RGB with exactly the rules :func:`patchae.data.load_rgb` applies to files."""
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+            return Image.fromarray(image)
+        image = Image.fromarray(image)
+    if image.mode == "RGB":
+        return image
+    buffer = io.BytesIO()
+    image.save(buffer, format="TIFF")  # TIFF keeps every mode (16-bit, float, alpha) for load_rgb to convert
+    buffer.seek(0)
+    return load_rgb(buffer)
+
+
+class Predictor:
+    """Batched inference with one trained model.
+
+    ``predict(images)`` scores in-memory images; ``predict_paths(paths)`` streams files (any iterable,
+    e.g. a growing folder or stdin), loading the next batch in ``num_workers`` threads while the current
+    one is scored. Unreadable files come back as predictions with ``error`` set.
+    """
+
+    def __init__(
+        self,
+        model: AnomalyModule,
+        thresholds: Thresholds | None = None,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        keep_images: bool = False,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise PatchAEError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise PatchAEError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        self.model = model.eval()
+        self.thresholds = pick_thresholds(thresholds if thresholds is not None else model.thresholds)
+        hparams = model.hparams
+        self.transform = ImageTransform(hparams.image_size, hparams.crop_size, hparams.mean, hparams.std)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.keep_images = keep_images
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        ckpt: str | Path,
+        device: str = "auto",
+        threshold: float | None = None,
+        threshold_method: str | None = None,
+        threshold_quantile: float | None = None,
+        search: str | None = None,
+        faiss_index: str | None = None,
+        search_memory_mb: float | None = None,
+        **kwargs: Any,
+    ) -> Predictor:
+        torch_device = resolve_device(device)
+        overrides = {"search": search, "faiss_index": faiss_index}
+        if torch_device.type == "cpu":
+            overrides["faiss_device"] = "cpu"
+        model = load_model(ckpt, device=str(torch_device), **overrides)
+        if search_memory_mb is not None:
+            model.search_block_mb = float(search_memory_mb)
+        thresholds = pick_thresholds(
+            model.thresholds, threshold, threshold_method, threshold_quantile, f"checkpoint {ckpt}"
+        )
+        return cls(model, thresholds, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # -- loading ------------------------------------------------------------------------------------------
+    def prepare(self, image: Image.Image, path: str) -> LoadedImage:
+        tensor = self.transform.image(image)
+        pixels = np.asarray(image) if self.keep_images else None
+        return LoadedImage(path, tensor, (image.height, image.width), pixels)
+
+    def load(self, path: str | Path) -> LoadedImage:
+        """Read and preprocess one file; a file that cannot be read gives an error record, not an exception."""
+        try:
+            return self.prepare(load_rgb(path), str(path))
+        except PatchAEError as error:
+            return LoadedImage(str(path), error=str(error))
+        except Exception as error:  # a decoder failing in an unexpected way must not stop the other images
+            return LoadedImage(
+                str(path),
+                error=f"cannot read image {path}: {type(error).__name__}: {error}; replace or remove the file",
+            )
+
+    # -- scoring ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw maps (B, S, S) and image scores (B,) of a normalised (B, 3, S, S) batch."""
+        return self.model(batch.to(self.device, non_blocking=True))
+
+    def to_original_size(self, anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """A model-input map (S, S) on the original (H, W) image: undo the centre crop, then the resize.
+
+        The cropped-away border has no score; it takes the map's minimum.
+        """
+        image_size, crop = self.transform.image_size, self.transform.crop_size
+        if crop is not None and crop < image_size:
+            offset = int(round((image_size - crop) / 2.0))  # as torchvision's center_crop
+            canvas = anomaly_map.new_full((image_size, image_size), float(anomaly_map.min()))
+            canvas[offset : offset + crop, offset : offset + crop] = anomaly_map
+            anomaly_map = canvas
+        return F.interpolate(anomaly_map[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+
+    def _predict_loaded(self, loaded: Sequence[LoadedImage]) -> list[Prediction]:
+        ready = [position for position, item in enumerate(loaded) if item.error is None]
+        results = [Prediction(item.path, error=item.error) for item in loaded]
+        if ready:
+            maps, scores = self.score(torch.stack([loaded[position].tensor for position in ready]))
+            normalized = self.thresholds.normalize(scores.double().cpu())
+            for i, position in enumerate(ready):
+                item = loaded[position]
+                full = self.thresholds.normalize(self.to_original_size(maps[i].float(), item.size).double())
+                results[position] = Prediction(
+                    path=item.path,
+                    score=float(scores[i]),
+                    normalized_score=float(normalized[i]),
+                    anomalous=bool(self.thresholds.is_anomalous(scores[i].double().cpu())),
+                    label=folder_label(Path(item.path)),
+                    height=item.size[0],
+                    width=item.size[1],
+                    anomaly_map=full.float().cpu().numpy(),
+                    image=item.pixels,
+                )
+        return results
+
+    def predict(
+        self, images: Sequence[Image.Image | np.ndarray], names: Sequence[str] | None = None
+    ) -> list[Prediction]:
+        """Score in-memory images (PIL or uint8/uint16 arrays, any size and mode), in batches."""
+        names = list(names) if names is not None else [f"image_{i}" for i in range(len(images))]
+        predictions: list[Prediction] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = range(start, min(start + self.batch_size, len(images)))
+            predictions += self._predict_loaded([self.prepare(as_rgb(images[i]), names[i]) for i in chunk])
+        return predictions
+
+    def predict_paths(self, paths: Iterable[str | Path]) -> Iterator[Prediction]:
+        """Score image files as a stream, in order, one batch loading while the previous one is scored."""
+        iterator = iter(paths)
+        with ThreadPoolExecutor(max_workers=max(1, self.num_workers)) as pool:
+
+            def submit_next() -> list[Future[LoadedImage]]:
+                return [pool.submit(self.load, path) for path in islice(iterator, self.batch_size)]
+
+            pending = submit_next()
+            while pending:
+                loaded = [future.result() for future in pending]
+                pending = submit_next()
+                yield from self._predict_loaded(loaded)
+
+
+# -- writing results --------------------------------------------------------------------------------------
+def overlay_image(prediction: Prediction) -> Image.Image:
+    """The image and its normalised map blended over it, side by side, with the decision written on top.
+
+    The colour scale is fixed (0 blue .. 0.5 = threshold .. 1 red), so overlays of different images compare.
+    """
+    image = prediction.image
+    blended = (0.5 * image + 0.5 * heatmap(prediction.anomaly_map)).astype(np.uint8)
+    canvas = Image.fromarray(np.concatenate([image, blended], axis=1))
+    draw = ImageDraw.Draw(canvas)
+    text = f"{prediction.decision.upper()}  score {prediction.normalized_score:.2f}"
+    colour = (255, 40, 40) if prediction.anomalous else (40, 220, 40)
+    font = ImageFont.load_default(size=max(10, image.shape[0] // 24))  # readable on large images too
+    left, top, right, bottom = draw.textbbox((4, 2), text, font=font)
+    draw.rectangle((0, 0, right + 4, bottom + 3), fill=(0, 0, 0))
+    draw.text((4, 2), text, fill=colour, font=font)
+    return canvas
+
+
+class OutputNames:
+    """Flat, unique file names for per-image outputs: the path relative to the input folder ('/' -> '__'),
+    or, for globs and streams, as many trailing folder names as it takes to be unique."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+        self.used: set[str] = set()
+
+    def __call__(self, path: Path) -> str:
+        parts = path.resolve().with_suffix("").parts
+        if self.root is not None and path.resolve().is_relative_to(self.root):
+            parts = path.resolve().relative_to(self.root).with_suffix("").parts
+            candidates = ["__".join(parts)]
+        else:
+            candidates = ["__".join(parts[-n:]) for n in range(1, len(parts) + 1)]
+        name = next((c for c in candidates if c not in self.used), None)
+        counter = 1
+        while name is None or name in self.used:
+            name, counter = f"{candidates[0]}_{counter}", counter + 1
+        self.used.add(name)
+        return name
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    fields = list(Prediction("").row())
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def progress_bar() -> Any:
+    from patchae.callbacks import progress_bar as rich_progress
+
+    return rich_progress()
+
+
+def predict_to_folder(
+    ckpt: str | Path,
+    input: str | Path,
+    output: str | Path,
+    device: str = "auto",
+    batch_size: int = 32,
+    num_workers: int = 2,
+    overlays: bool = True,
+    save_maps: bool = False,
+    threshold: float | None = None,
+    threshold_method: str | None = None,
+    threshold_quantile: float | None = None,
+    search: str | None = None,
+    faiss_index: str | None = None,
+    search_memory_mb: float | None = None,
+    show_progress: bool = True,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Predict every image ``input`` names and write, under ``output``: ``predictions.csv`` (one row per
+    image), ``predictions.json`` (the same), ``summary.json``, ``overlays/<name>.png`` and, with
+    ``save_maps``, ``maps/<name>.npy`` (normalised map at original size). Returns the summary."""
+    if threads is not None:
+        set_threads(threads)
+    output = Path(output).expanduser()
+    streaming = str(input) == "-"
+    paths: Iterable[Path] = stdin_paths() if streaming else find_images(input)
+    root = None if streaming else Path(input).expanduser().resolve()
+    root = root if root is not None and root.is_dir() else None
+    if (
+        root is not None
+        and (root / "test").is_dir()
+        and all(p.resolve().is_relative_to(root / "test") for p in paths)
+    ):
+        root = root / "test"  # a category folder: name outputs as for its test/ folder
+    names = OutputNames(root)
+    predictor = Predictor.from_checkpoint(
+        ckpt,
+        device,
+        threshold,
+        threshold_method,
+        threshold_quantile,
+        search,
+        faiss_index,
+        search_memory_mb,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        keep_images=overlays,
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    errors: list[dict[str, str]] = []
+    started = time.perf_counter()
+    total = None if streaming else len(paths)  # type: ignore[arg-type]
+    with ThreadPoolExecutor(max_workers=2) as writers, _maybe_progress(show_progress) as progress:
+        task = progress.add_task("predicting", total=total) if progress else None
+        writes: list[Future[None]] = []
+        for prediction in predictor.predict_paths(paths):
+            rows.append(prediction.row())
+            if prediction.error is not None:
+                errors.append({"path": prediction.path, "error": prediction.error})
+                log.warning("skipped: %s", prediction.error)
+            else:
+                name = names(Path(prediction.path))
+                if overlays:
+                    writes.append(
+                        writers.submit(_save_overlay, prediction, output / "overlays" / f"{name}.png")
+                    )
+                if save_maps:
+                    (output / "maps").mkdir(exist_ok=True)
+                    np.save(output / "maps" / f"{name}.npy", prediction.anomaly_map)
+            if progress:
+                progress.advance(task)
+        for write in writes:
+            write.result()
+    seconds = time.perf_counter() - started
+    summary = summarize(rows, errors, predictor, ckpt, input, output, seconds)
+    write_csv(output / "predictions.csv", rows)
+    (output / "predictions.json").write_text(json.dumps(rows, indent=1))
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    if summary["predicted"] == 0:
+        raise PatchAEError(
+            f"none of the {len(rows)} input image(s) could be read (see {output / 'summary.json'}); first: {errors[0]['error']}"
+        )
+    return summary
+
+
+def _save_overlay(prediction: Prediction, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    overlay_image(prediction).save(path, compress_level=1)  # 2x faster than the default, files ~5 % larger
+
+
+class _NoProgress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: Any) -> None:
+        return None
+
+
+def _maybe_progress(show: bool) -> Any:
+    return progress_bar() if show else _NoProgress()
+
+
+def summarize(
+    rows: list[dict[str, Any]],
+    errors: list[dict[str, str]],
+    predictor: Predictor,
+    ckpt: str | Path,
+    input: str | Path,
+    output: Path,
+    seconds: float,
+) -> dict[str, Any]:
+    predicted = [row for row in rows if row["decision"] != "error"]
+    labelled = [row for row in predicted if row["label"]]
+    hparams = predictor.model.hparams
+    thresholds = predictor.thresholds
+    return {
+        "checkpoint": str(ckpt),
+        "input": str(input),
+        "output": str(output),
+        "model": type(predictor.model).__name__,
+        "backbone": hparams.get("backbone"),
+        "device": str(predictor.device),
+        "images": len(rows),
+        "predicted": len(predicted),
+        "anomalous": sum(row["decision"] == "anomalous" for row in predicted),
+        "normal": sum(row["decision"] == "normal" for row in predicted),
+        "errors": errors,
+        "labelled": len(labelled),
+        "accuracy": sum(int(row["correct"]) for row in labelled) / len(labelled) if labelled else None,
+        "threshold": {
+            "method": thresholds.method,
+            "value": thresholds.value,
+            "f1": thresholds.f1,
+            "quantile": thresholds.quantile,
+            "q": thresholds.q,
+            "normalization_scale": thresholds.scale,
+        },
+        "seconds": seconds,
+        "images_per_second": len(rows) / max(seconds, 1e-9),
+    }
+
+
+def report(summary: dict[str, Any]) -> str:
+    """The few lines a person reads after a run."""
+    lines = [
+        f"predicted {summary['predicted']} of {summary['images']} image(s): {summary['anomalous']} anomalous, "
+        f"{summary['normal']} normal ({summary['images_per_second']:.1f} images/s on {summary['device']}; "
+        f"threshold {summary['threshold']['method']} = {summary['threshold']['value']:.4g})"
+    ]
+    if summary["accuracy"] is not None:
+        lines.append(
+            f"accuracy against the folder labels: {summary['accuracy']:.4f} ({summary['labelled']} labelled images)"
+        )
+    if summary["errors"]:
+        lines.append(
+            f"{len(summary['errors'])} image(s) could not be read and were skipped (listed above and in summary.json)"
+        )
+    lines.append(f"results in {summary['output']} (predictions.csv, summary.json, overlays/)")
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """predict.py's task; a user error ends it with one line ``error: ...`` and exit status 1."""
+    try:
+        summary = predict_to_folder(
+            cfg.ckpt,
+            cfg.input,
+            cfg.output,
+            device=cfg.device,
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            overlays=cfg.overlays,
+            save_maps=cfg.save_maps,
+            threshold=cfg.threshold,
+            threshold_method=cfg.threshold_method,
+            threshold_quantile=cfg.threshold_quantile,
+            search=cfg.search,
+            faiss_index=cfg.faiss_index,
+            search_memory_mb=cfg.search_memory_mb,
+            show_progress=cfg.progress,
+            threads=cfg.threads,
+        )
+    except PatchAEError as error:
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+        sys.exit(1)
+    print(report(summary))
+    return summary
