@@ -22,5 +22,12 @@ lint: install
 	$(PYTHON) -m ruff check src tests train.py
 	$(PYTHON) -m ruff format --check src tests train.py
 
+# `make bench`: Patch AE and PatchCore on every MVTec AD category under data/mvtec_ad, then one table
+# (multirun/benchmark_<time>/benchmark.{md,csv,png}). Pick categories, data and settings with BENCH_ARGS:
+#   make bench BENCH_ARGS="--categories bottle data.root=../shared/data/mvtec_ad backbone=efficientnet_lite0"
+BENCH_ARGS ?= --categories all
+bench: install
+	$(PYTHON) -m patchae.benchmark run $(BENCH_ARGS)
+
 clean:
 	rm -rf outputs multirun data/synthetic .pytest_cache

@@ -1,0 +1,562 @@
+"""Benchmark: run (or collect) Patch AE and PatchCore on many categories and write one comparison table.
+
+    python -m patchae.benchmark run --categories bottle data.root=../shared/data/mvtec_ad backbone=efficientnet_lite0
+    python -m patchae.benchmark collect multirun/2026-01-01_12-00-00   # any runs with a results.json
+    python -m patchae.benchmark collect                                 # the latest directory under multirun/
+
+Writes ``benchmark.md``, ``benchmark.csv`` and ``benchmark.png`` beside the runs: one row per category and
+method (plus the mean over categories), with the image AUROC the papers published for the same category.
+Methods are named after the model and whatever else differs between the runs (``Patch AE (loss.alpha=0.25)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from patchae.errors import PatchAEError
+
+# Published image-level AUROC (%) per MVTec AD category, in MVTec order.
+#
+# Patch AE: Cui, Liu, Lian, "Patch-wise Auto-Encoder for Visual Anomaly Detection", ICIP 2023, arXiv:2308.00429,
+# Table 1. Only its mean, 99.48 (single model), could be confirmed from the sources available when this was
+# written; the per-category values are left as None (shown as n/a) rather than guessed. Fill them in from the
+# paper's Table 1 when you have it.
+PAPER_PATCH_AE: dict[str, float | None] = {
+    "bottle": None,
+    "cable": None,
+    "capsule": None,
+    "carpet": None,
+    "grid": None,
+    "hazelnut": None,
+    "leather": None,
+    "metal_nut": None,
+    "pill": None,
+    "screw": None,
+    "tile": None,
+    "toothbrush": None,
+    "transistor": None,
+    "wood": None,
+    "zipper": None,
+}
+PAPER_PATCH_AE_MEAN = 99.48
+# PatchCore, single model: Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022,
+# arXiv:2106.08265 (v1), per-class image AUROC of PatchCore-1% (WRN-50, layers 2+3, 1% coreset), mean 99.0.
+# Whether the Patch AE paper's Table 1 quotes this or the 10%/25% variant (means 99.0/99.1) was not verified.
+PAPER_PATCHCORE: dict[str, float | None] = {
+    "bottle": 100.0,
+    "cable": 99.3,
+    "capsule": 98.0,
+    "carpet": 98.0,
+    "grid": 98.6,
+    "hazelnut": 100.0,
+    "leather": 100.0,
+    "metal_nut": 99.7,
+    "pill": 97.0,
+    "screw": 96.4,
+    "tile": 99.4,
+    "toothbrush": 100.0,
+    "transistor": 99.9,
+    "wood": 99.2,
+    "zipper": 99.2,
+}
+CATEGORY_ORDER = tuple(PAPER_PATCHCORE)
+
+# (results.json key, column header, kind): kind "quality" is shown in %, others as they are.
+METRICS: tuple[tuple[str, str, str], ...] = (
+    ("image_auroc", "image AUROC %", "quality"),
+    ("pixel_auroc", "pixel AUROC %", "quality"),
+    ("aupro", "AUPRO %", "quality"),
+    ("image_f1_max", "F1-max %", "quality"),
+    ("train_seconds", "train s", "seconds"),
+    ("test_images_per_second", "images/s", "rate"),
+    ("peak_memory_mb", "peak MB", "memory"),
+)
+PAPER_COLUMNS = (("paper_patch_ae", "paper Patch AE %"), ("paper_patchcore", "paper PatchCore %"))
+MODEL_NAMES = {"PatchAEModule": "Patch AE", "PatchCoreModule": "PatchCore"}
+# Overrides that never name a method: they are the table's rows, or the method's own name.
+NOT_A_VARIANT = ("category", "model")
+MEAN = "mean"
+RESULT_FILES = ("benchmark.md", "benchmark.csv", "benchmark.png")
+
+
+@dataclass
+class Run:
+    """One finished job: its directory, results.json and command-line overrides."""
+
+    run_dir: Path
+    results: dict[str, Any]
+    overrides: dict[str, str] | None = None
+
+    @property
+    def category(self) -> str:
+        return str(self.results.get("category", self.run_dir.name))
+
+    @property
+    def model(self) -> str:
+        name = str(self.results.get("model", "?"))
+        return MODEL_NAMES.get(name, name)
+
+
+@dataclass
+class Row:
+    category: str
+    method: str
+    metrics: dict[str, float]
+    runs: list[Path] = field(default_factory=list)
+
+    @property
+    def paper(self) -> dict[str, float | None]:
+        return {
+            "paper_patch_ae": paper_value(PAPER_PATCH_AE, self.category),
+            "paper_patchcore": paper_value(PAPER_PATCHCORE, self.category),
+        }
+
+
+def paper_value(table: dict[str, float | None], category: str) -> float | None:
+    return table.get(category.lower().replace(" ", "_"))
+
+
+# -- collecting ---------------------------------------------------------------------------------------
+def read_overrides(run_dir: Path) -> dict[str, str] | None:
+    """``key -> value`` of the job's command-line overrides (Hydra's ``.hydra/overrides.yaml``), or None."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    entries = yaml.safe_load(path.read_text()) or []
+    overrides = {}
+    for entry in entries:
+        key, _, value = str(entry).partition("=")
+        overrides[key.lstrip("+~")] = value
+    return overrides
+
+
+def find_runs(directories: Iterable[Path]) -> list[Run]:
+    runs = []
+    for directory in directories:
+        if not Path(directory).is_dir():
+            raise PatchAEError(
+                f"{directory} is not a directory; give the run or multirun directories to collect"
+            )
+        for path in sorted(Path(directory).rglob("results.json")):
+            if ".submitit" in path.parts:
+                continue
+            try:
+                results = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                print(f"skipping {path}: {error}", file=sys.stderr)
+                continue
+            runs.append(Run(path.parent, results, read_overrides(path.parent)))
+    return runs
+
+
+def method_names(runs: Sequence[Run]) -> list[str]:
+    """The model's name plus the settings that tell runs apart (overrides, else results metadata)."""
+    if all(run.overrides is not None for run in runs):
+        settings = [dict(run.overrides) for run in runs]
+    else:
+        settings = [
+            {key: str(run.results.get(key)) for key in ("backbone", "layers", "alpha", "experiment", "seed")}
+            for run in runs
+        ]
+    keys = sorted({key for setting in settings for key in setting} - set(NOT_A_VARIANT))
+    keys = [k for k in keys if not k.startswith("hydra") and len({s.get(k) for s in settings}) > 1]
+    names = []
+    for run, setting in zip(runs, settings, strict=True):
+        variant = ", ".join(f"{key}={setting[key]}" for key in keys if key in setting)
+        names.append(f"{run.model} ({variant})" if variant else run.model)
+    return names
+
+
+def mean(values: Iterable[float]) -> float:
+    finite = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def category_key(category: str) -> tuple[int, str]:
+    return (CATEGORY_ORDER.index(category) if category in CATEGORY_ORDER else len(CATEGORY_ORDER), category)
+
+
+def build_rows(runs: Sequence[Run]) -> list[Row]:
+    """One row per (category, method), repeated runs averaged, then (with several categories) one mean row
+    per method."""
+    if not runs:
+        return []
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run, method in zip(runs, method_names(runs), strict=True):
+        groups.setdefault((run.category, method), []).append(run)
+    methods = list(dict.fromkeys(method for _, method in groups))
+    rows = []
+    for (category, method), members in sorted(
+        groups.items(), key=lambda g: (category_key(g[0][0]), methods.index(g[0][1]))
+    ):
+        metrics = {
+            key: mean(float(run.results.get(key, math.nan)) for run in members) for key, _, _ in METRICS
+        }
+        rows.append(Row(category, method, metrics, [run.run_dir for run in members]))
+    if len({category for category, _ in groups}) < 2:
+        return rows
+    for method in methods:
+        members = [row for row in rows if row.method == method]
+        metrics = {key: mean(row.metrics[key] for row in members) for key, _, _ in METRICS}
+        rows.append(Row(MEAN, method, metrics, [path for row in members for path in row.runs]))
+    return rows
+
+
+def mean_paper(rows: Sequence[Row], method: str) -> dict[str, float | None]:
+    """Paper means over the categories this method ran on (Patch AE's only over all 15)."""
+    categories = {row.category for row in rows if row.method == method and row.category != MEAN}
+    patchcore = [PAPER_PATCHCORE.get(category) for category in categories]
+    return {
+        "paper_patch_ae": PAPER_PATCH_AE_MEAN if categories == set(CATEGORY_ORDER) else None,
+        "paper_patchcore": sum(patchcore) / len(patchcore) if patchcore and None not in patchcore else None,
+    }
+
+
+def paper_columns(rows: Sequence[Row], row: Row) -> dict[str, float | None]:
+    return mean_paper(rows, row.method) if row.category == MEAN else row.paper
+
+
+# -- writing ------------------------------------------------------------------------------------------
+def format_value(value: float | None, kind: str) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    if kind == "quality":
+        return f"{100 * value:.2f}"
+    if kind == "paper":
+        return f"{value:.2f}"
+    if kind == "memory":
+        return f"{value:.0f}"
+    return f"{value:.1f}"
+
+
+def table_cells(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
+    header = [
+        "category",
+        "method",
+        *(title for _, title, _ in METRICS),
+        *(title for _, title in PAPER_COLUMNS),
+    ]
+    body = []
+    for row in rows:
+        paper = paper_columns(rows, row)
+        body.append(
+            [
+                row.category,
+                row.method,
+                *(format_value(row.metrics[key], kind) for key, _, kind in METRICS),
+                *(format_value(paper[key], "paper") for key, _ in PAPER_COLUMNS),
+            ]
+        )
+    return header, body
+
+
+def write_markdown(rows: Sequence[Row], path: Path, sources: Sequence[Path]) -> None:
+    header, body = table_cells(rows)
+    lines = [
+        "# Benchmark",
+        "",
+        f"Runs collected from {', '.join(f'`{s}`' for s in sources)} on {datetime.now():%Y-%m-%d %H:%M}.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|",
+        *("| " + " | ".join(f"**{c}**" if row[0] == MEAN else c for c in row) + " |" for row in body),
+        "",
+        "Quality metrics in %; train s includes building the memory bank; images/s is test throughput "
+        "(data loading included); peak MB is the GPU's peak allocation, or the process's peak resident memory "
+        "on CPU (jobs of one in-process multirun share a process, so later jobs report at least earlier peaks).",
+        "",
+        f"Paper columns, image AUROC: Patch AE from Cui et al. (arXiv:2308.00429, Table 1; per-category values "
+        f"not available here, n/a; mean {PAPER_PATCH_AE_MEAN}), PatchCore-1% from Roth et al. (CVPR 2022, "
+        "arXiv:2106.08265). They used Wide-ResNet backbones and full training: compare them with runs in that "
+        "setting (experiment=paper).",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def write_csv(rows: Sequence[Row], path: Path) -> None:
+    fields = [
+        "category",
+        "method",
+        "runs",
+        *(key for key, _, _ in METRICS),
+        "paper_patch_ae_image_auroc",
+        "paper_patchcore_image_auroc",
+        "run_dirs",
+    ]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            paper = paper_columns(rows, row)
+            writer.writerow(
+                {
+                    "category": row.category,
+                    "method": row.method,
+                    "runs": len(row.runs),
+                    **row.metrics,
+                    "paper_patch_ae_image_auroc": ""
+                    if paper["paper_patch_ae"] is None
+                    else paper["paper_patch_ae"] / 100,
+                    "paper_patchcore_image_auroc": ""
+                    if paper["paper_patchcore"] is None
+                    else paper["paper_patchcore"] / 100,
+                    "run_dirs": ";".join(str(p) for p in row.runs),
+                }
+            )
+
+
+def plot(rows: Sequence[Row], path: Path) -> None:
+    """Grouped bars of image and pixel AUROC per category and method, with the papers' image AUROC marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    categories = list(dict.fromkeys(row.category for row in rows))
+    methods = list(dict.fromkeys(row.method for row in rows))
+    lookup = {(row.category, row.method): row for row in rows}
+    width = 0.8 / len(methods)
+    figure, axes = plt.subplots(
+        2, 1, figsize=(max(6.0, 1.1 * len(categories) * max(1, len(methods)) ** 0.5 + 2), 7), sharex=True
+    )
+    positions = range(len(categories))
+    for axis, (key, title) in zip(
+        axes, (("image_auroc", "image AUROC %"), ("pixel_auroc", "pixel AUROC %")), strict=True
+    ):
+        values_seen = []
+        for m, method in enumerate(methods):
+            values = [
+                100 * lookup[(c, method)].metrics[key] if (c, method) in lookup else math.nan
+                for c in categories
+            ]
+            values_seen += [v for v in values if not math.isnan(v)]
+            axis.bar([p - 0.4 + width * (m + 0.5) for p in positions], values, width, label=method)
+        if key == "image_auroc":
+            for column, marker, label in (
+                ("paper_patch_ae", "v", "paper Patch AE"),
+                ("paper_patchcore", "_", "paper PatchCore"),
+            ):
+                points = [
+                    (p, paper_columns(rows, Row(c, methods[0], {}))[column])
+                    for p, c in zip(positions, categories, strict=True)
+                ]
+                points = [(p, v) for p, v in points if v is not None]
+                if points:
+                    values_seen += [v for _, v in points]
+                    axis.scatter(
+                        *zip(*points, strict=True), marker=marker, s=160, color="black", zorder=3, label=label
+                    )
+        low = min(values_seen, default=0.0)
+        axis.set_ylim(max(0.0, low - 0.1 * (100 - low) - 1), 100.5)
+        axis.set_ylabel(title)
+        axis.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[1].set_xticks(list(positions), categories, rotation=30, ha="right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+
+
+def print_table(rows: Sequence[Row], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    header, body = table_cells(rows)
+    table = Table(title=title)
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i < 2 else "right")
+    for cells in body:
+        table.add_row(*cells, style="bold" if cells[0] == MEAN else None)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def collect(directories: Sequence[Path], out: Path | None = None, quiet: bool = False) -> list[Row]:
+    """Find every run under ``directories``, write the table files to ``out`` (default: the first directory)."""
+    runs = find_runs(directories)
+    if not runs:
+        raise PatchAEError(
+            f"no results.json under {', '.join(map(str, directories))}; give the directory of finished runs "
+            "(a multirun directory, or outputs/<category>/<time>)"
+        )
+    rows = build_rows(runs)
+    out = Path(out or directories[0])
+    out.mkdir(parents=True, exist_ok=True)
+    write_markdown(rows, out / "benchmark.md", directories)
+    write_csv(rows, out / "benchmark.csv")
+    plot(rows, out / "benchmark.png")
+    if not quiet:
+        print_table(rows, f"{len(runs)} runs from {', '.join(map(str, directories))}")
+        print(f"written: {', '.join(str(out / name) for name in RESULT_FILES)}")
+    return rows
+
+
+def latest_multirun(root: Path = Path("multirun")) -> Path:
+    candidates = [path for path in root.glob("*") if path.is_dir()] if root.is_dir() else []
+    if not candidates:
+        raise PatchAEError(
+            f"no runs under {root}/; give the directories to collect, e.g. "
+            "python -m patchae.benchmark collect outputs/bottle"
+        )
+    return max(candidates, key=lambda path: path.stat().st_mtime)
+
+
+# -- running ------------------------------------------------------------------------------------------
+def project_root() -> Path:
+    """The source checkout holding ``train.py`` and ``conf/`` (the benchmark runs the same entry point)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "train.py").is_file() or not (root / "conf").is_dir():
+        raise PatchAEError(
+            f"train.py and conf/ not found in {root}; run the benchmark from a source checkout"
+        )
+    return root
+
+
+def job_commands(
+    categories: Sequence[str],
+    models: Sequence[str],
+    overrides: Sequence[str],
+    out: Path,
+    python: str = sys.executable,
+) -> list[tuple[str, Path, list[str]]]:
+    """(name, run dir, command) of every job: one process per (model, category), so each reports its own
+    time and peak memory and a failure stays in its job."""
+    root = project_root()
+    known = sorted(path.stem for path in (root / "conf" / "model").glob("*.yaml"))
+    for model in models:
+        if model not in known:
+            raise PatchAEError(f"--models: unknown model '{model}'; choose from {', '.join(known)}")
+    jobs = []
+    for model in models:
+        for category in categories:
+            run_dir = out.resolve() / model / category
+            command = [
+                python,
+                str(root / "train.py"),
+                f"model={model}",
+                f"category={category}",
+                *overrides,
+                f"hydra.run.dir={run_dir}",
+                "hydra.mode=RUN",  # one job each, even with a sweep experiment among the overrides
+            ]
+            jobs.append((f"{model}/{category}", run_dir, command))
+    return jobs
+
+
+def run_jobs(jobs: Sequence[tuple[str, Path, list[str]]]) -> list[str]:
+    """Runs the jobs one after the other with an overall progress bar; returns the names of failed jobs."""
+    from patchae.callbacks import progress_bar
+
+    failed = []
+    with progress_bar() as progress:
+        task = progress.add_task("benchmark", total=len(jobs))
+        for name, run_dir, command in jobs:
+            progress.update(task, description=f"benchmark: {name}")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            with (run_dir / "console.log").open("w") as console:
+                env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+                code = subprocess.run(
+                    command, stdout=console, stderr=subprocess.STDOUT, env=env, check=False
+                ).returncode
+            elapsed = time.perf_counter() - start
+            if code != 0:
+                failed.append(name)
+                lines = (run_dir / "console.log").read_text(errors="replace").splitlines()
+                reason = next(
+                    (line for line in reversed(lines) if line.startswith("error:")),
+                    lines[-1] if lines else "",
+                )
+                progress.console.print(
+                    f"[red]{name} failed[/red] ({reason.strip()}); log: {run_dir / 'console.log'}"
+                )
+            else:
+                progress.console.print(f"{name} done in {elapsed:.0f} s")
+            progress.advance(task)
+    return failed
+
+
+def run(
+    categories: Sequence[str],
+    models: Sequence[str],
+    overrides: Sequence[str],
+    out: Path,
+    dry_run: bool = False,
+) -> list[Row]:
+    jobs = job_commands(categories, models, overrides, out)
+    if dry_run:
+        for _, _, command in jobs:
+            print(" ".join(command))
+        return []
+    failed = run_jobs(jobs)
+    if len(failed) == len(jobs):
+        raise PatchAEError(f"every job failed; see the console.log files under {out}")
+    rows = collect([out])
+    if failed:
+        print(f"{len(failed)} of {len(jobs)} jobs failed: {', '.join(failed)}", file=sys.stderr)
+    return rows
+
+
+def parse_list(text: str, everything: Sequence[str] = ()) -> list[str]:
+    if text.strip() == "all" and everything:
+        return list(everything)
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m patchae.benchmark", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="train and test every (model, category), then collect")
+    run_parser.add_argument(
+        "--categories", default="all", help="comma-separated, or 'all' (the 15 of MVTec AD)"
+    )
+    run_parser.add_argument("--models", default="patch_ae,patchcore", help="comma-separated conf/model names")
+    run_parser.add_argument("--out", type=Path, default=None, help="default: multirun/benchmark_<time>")
+    run_parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    run_parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides for every job, e.g. data.root=... backbone=..."
+    )
+    collect_parser = commands.add_parser("collect", help="tabulate finished runs (results.json files)")
+    collect_parser.add_argument(
+        "directories", nargs="*", type=Path, help="default: the latest directory under multirun/"
+    )
+    collect_parser.add_argument(
+        "--out", type=Path, default=None, help="where the table files go (default: first directory)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            out = args.out or Path("multirun") / f"benchmark_{datetime.now():%Y-%m-%d_%H-%M-%S}"
+            run(
+                parse_list(args.categories, CATEGORY_ORDER),
+                parse_list(args.models),
+                args.overrides,
+                out,
+                args.dry_run,
+            )
+        else:
+            collect(args.directories or [latest_multirun()], args.out)
+    except PatchAEError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

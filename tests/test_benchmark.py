@@ -1,0 +1,233 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from patchae import benchmark
+from patchae.benchmark import (
+    MEAN,
+    PAPER_PATCHCORE,
+    build_rows,
+    collect,
+    find_runs,
+    job_commands,
+    main,
+    method_names,
+    run_jobs,
+)
+from patchae.data import MVTEC_CATEGORIES
+from patchae.errors import PatchAEError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_run(directory: Path, overrides: list[str] | None = None, **results) -> Path:
+    directory.mkdir(parents=True)
+    base = {
+        "category": "bottle",
+        "model": "PatchAEModule",
+        "backbone": "tf_efficientnet_lite0",
+        "layers": "2+3",
+        "alpha": 0.5,
+        "experiment": "default",
+        "seed": 42,
+        "image_auroc": 0.9,
+        "pixel_auroc": 0.95,
+        "aupro": 0.8,
+        "image_f1_max": 0.85,
+        "train_seconds": 10.0,
+        "test_images_per_second": 20.0,
+        "peak_memory_mb": 1000.0,
+    }
+    (directory / "results.json").write_text(json.dumps({**base, **results}))
+    if overrides is not None:
+        (directory / ".hydra").mkdir()
+        (directory / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    return directory
+
+
+def test_paper_tables_cover_the_mvtec_categories_in_order():
+    assert tuple(PAPER_PATCHCORE) == MVTEC_CATEGORIES
+    assert tuple(benchmark.PAPER_PATCH_AE) == MVTEC_CATEGORIES
+    # Roth et al. report a 99.0 mean for PatchCore-1%: the per-class values must agree with it.
+    assert sum(PAPER_PATCHCORE.values()) / 15 == pytest.approx(99.0, abs=0.05)
+
+
+def test_rows_per_category_and_method_with_means_and_paper_columns(tmp_path):
+    for model, category, auroc, seconds in [
+        ("PatchAEModule", "bottle", 1.0, 10.0),
+        ("PatchCoreModule", "bottle", 0.98, 2.0),
+        ("PatchAEModule", "screw", 0.80, 30.0),
+        ("PatchCoreModule", "screw", 0.90, 4.0),
+    ]:
+        fake_run(
+            tmp_path / f"{model}_{category}",
+            [f"model={model}", f"category={category}", "backbone=efficientnet_lite0"],
+            model=model,
+            category=category,
+            image_auroc=auroc,
+            train_seconds=seconds,
+        )
+    rows = build_rows(find_runs([tmp_path]))
+    assert [(r.category, r.method) for r in rows] == [
+        ("bottle", "Patch AE"),
+        ("bottle", "PatchCore"),
+        ("screw", "Patch AE"),
+        ("screw", "PatchCore"),
+        (MEAN, "Patch AE"),
+        (MEAN, "PatchCore"),
+    ]
+    mean_patch_ae = rows[4]
+    assert mean_patch_ae.metrics["image_auroc"] == pytest.approx(0.90)
+    assert mean_patch_ae.metrics["train_seconds"] == pytest.approx(20.0)
+    assert rows[1].paper["paper_patchcore"] == 100.0
+    assert rows[3].paper["paper_patchcore"] == 96.4
+    assert rows[0].paper["paper_patch_ae"] is None  # not available: shown as n/a, never invented
+    paper = benchmark.paper_columns(rows, rows[5])
+    assert paper["paper_patchcore"] == pytest.approx((100.0 + 96.4) / 2)
+    assert paper["paper_patch_ae"] is None  # the paper's mean covers all 15 categories, not these two
+
+
+def test_methods_are_named_after_what_differs(tmp_path):
+    for i, alpha in enumerate(["0.0", "0.5", "1.0"]):
+        fake_run(
+            tmp_path / str(i),
+            ["experiment=sweep_alpha", "category=screw", f"loss.alpha={alpha}"],
+            category="screw",
+        )
+    names = method_names(find_runs([tmp_path]))
+    assert names == ["Patch AE (loss.alpha=0.0)", "Patch AE (loss.alpha=0.5)", "Patch AE (loss.alpha=1.0)"]
+
+
+def test_without_hydra_overrides_metadata_tells_runs_apart(tmp_path):
+    fake_run(tmp_path / "a", None, layers="2+3")
+    fake_run(tmp_path / "b", None, layers="1+2")
+    assert sorted(method_names(find_runs([tmp_path]))) == ["Patch AE (layers=1+2)", "Patch AE (layers=2+3)"]
+
+
+def test_repeated_runs_are_averaged(tmp_path):
+    fake_run(tmp_path / "a", ["category=bottle"], image_auroc=0.9)
+    fake_run(tmp_path / "b", ["category=bottle"], image_auroc=0.8)
+    (row,) = build_rows(find_runs([tmp_path]))  # one category: no mean row
+    assert row.metrics["image_auroc"] == pytest.approx(0.85)
+    assert len(row.runs) == 2
+
+
+def test_collect_writes_markdown_csv_and_plot(tmp_path):
+    fake_run(tmp_path / "runs" / "a", ["model=patch_ae", "category=bottle"], image_auroc=0.995)
+    fake_run(
+        tmp_path / "runs" / "b",
+        ["model=patchcore", "category=bottle"],
+        model="PatchCoreModule",
+        aupro=float("nan"),
+    )
+    collect([tmp_path / "runs"], tmp_path / "table", quiet=True)
+    markdown = (tmp_path / "table" / "benchmark.md").read_text()
+    assert (
+        "| bottle | Patch AE | 99.50 | 95.00 | 80.00 | 85.00 | 10.0 | 20.0 | 1000 | n/a | 100.00 |"
+        in markdown
+    )
+    assert "| bottle | PatchCore | 90.00 | 95.00 | nan |" in markdown
+    rows = list(csv.DictReader((tmp_path / "table" / "benchmark.csv").open()))
+    assert [r["method"] for r in rows] == ["Patch AE", "PatchCore"]
+    assert float(rows[0]["image_auroc"]) == pytest.approx(0.995)
+    assert float(rows[0]["paper_patchcore_image_auroc"]) == pytest.approx(1.0)
+    assert rows[0]["paper_patch_ae_image_auroc"] == ""
+    with Image.open(tmp_path / "table" / "benchmark.png") as plot:
+        assert plot.width > 300 and plot.height > 300
+
+
+def test_collect_without_results_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["collect", str(tmp_path / "empty")]) == 1
+    assert "error: no results.json under" in capsys.readouterr().err
+
+
+def test_run_builds_one_job_per_model_and_category(tmp_path):
+    jobs = job_commands(
+        ["bottle", "screw"], ["patch_ae", "patchcore"], ["backbone=efficientnet_lite0"], tmp_path
+    )
+    assert [name for name, _, _ in jobs] == [
+        "patch_ae/bottle",
+        "patch_ae/screw",
+        "patchcore/bottle",
+        "patchcore/screw",
+    ]
+    name, run_dir, command = jobs[3]
+    assert run_dir == tmp_path.resolve() / "patchcore" / "screw"
+    assert command[1] == str(ROOT / "train.py")
+    assert command[2:] == [
+        "model=patchcore",
+        "category=screw",
+        "backbone=efficientnet_lite0",
+        f"hydra.run.dir={run_dir}",
+        "hydra.mode=RUN",
+    ]
+    with pytest.raises(PatchAEError, match="unknown model 'padim'"):
+        job_commands(["bottle"], ["padim"], [], tmp_path)
+
+
+def test_run_jobs_continues_past_a_failed_job(tmp_path, capsys):
+    ok = f"import json, pathlib; pathlib.Path(r'{tmp_path / 'ok'}/results.json').write_text(json.dumps({{'category': 'bottle'}}))"
+    jobs = [
+        (
+            "bad",
+            tmp_path / "bad",
+            [sys.executable, "-c", "import sys; print('error: no such folder'); sys.exit(1)"],
+        ),
+        ("ok", tmp_path / "ok", [sys.executable, "-c", ok]),
+    ]
+    assert run_jobs(jobs) == ["bad"]
+    assert "error: no such folder" in (tmp_path / "bad" / "console.log").read_text()
+    assert (tmp_path / "ok" / "results.json").is_file()
+    assert "bad failed" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_alpha_sweep_then_benchmark_table(tmp_path):
+    """The acceptance path: a 5-job multirun on synthetic data, then the benchmark's table of it."""
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        "experiment=sweep_alpha",
+        "data=synthetic",
+        "category=synthetic",
+        "backbone=efficientnet_lite0",
+        f"data.root={tmp_path / 'data'}",
+        "data.n_train=4",
+        "data.n_test_good=2",
+        "data.n_test_defect=3",
+        "data.image_size=64",
+        "data.crop_size=null",
+        "data.synthetic_size=64",
+        "trainer.max_epochs=1",
+        "bank.coreset_ratio=0.5",
+        "logger=none",
+        "callbacks.results.overlays_per_type=0",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    # One thread is plenty for 64 px images, and keeps a shared CPU from spinning idle OpenMP workers.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list(sweep.glob("*/results.json"))) == 5
+    table = subprocess.run(
+        [sys.executable, "-m", "patchae.benchmark", "collect", str(sweep)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert table.returncode == 0, table.stderr[-2000:]
+    for alpha in ("0.0", "0.25", "0.5", "0.75", "1.0"):
+        assert f"Patch AE (loss.alpha={alpha})" in table.stdout
+    rows = list(csv.DictReader((sweep / "benchmark.csv").open()))
+    assert len(rows) == 5
+    assert all(0.0 <= float(row["image_auroc"]) <= 1.0 for row in rows)
