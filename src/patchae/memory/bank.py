@@ -85,7 +85,6 @@ def torch_nearest(
         empty = torch.empty((0, k), dtype=torch.float32, device=queries.device)
         return empty, torch.empty((0, k), dtype=torch.long, device=queries.device)
     bank_step = num_bank if bank_chunk_size is None or bank_chunk_size < 1 else bank_chunk_size
-    bank_sq = (bank * bank).sum(dim=1)
 
     distance_chunks: list[Tensor] = []
     index_chunks: list[Tensor] = []
@@ -96,10 +95,10 @@ def torch_nearest(
         best_i = torch.zeros((q.shape[0], k), dtype=torch.long, device=q.device)
         for bank_start in range(0, num_bank, bank_step):
             block = bank[bank_start : bank_start + bank_step]
-            squared = torch.addmm(
-                bank_sq[bank_start : bank_start + bank_step].unsqueeze(0), q, block.t(), alpha=-2.0
-            )
-            squared = squared + q_sq
+            # |b|^2 per block, not for the whole bank at once: (bank * bank) would be a bank-sized temporary.
+            block_sq = (block * block).sum(dim=1)
+            squared = torch.addmm(block_sq.unsqueeze(0), q, block.t(), alpha=-2.0)
+            squared.add_(q_sq)  # in place: one (chunk x bank block) matrix at a time is the working memory
             block_d, block_i = torch.topk(squared, min(k, block.shape[0]), dim=1, largest=False)
             merged_d = torch.cat([best_d, block_d], dim=1)
             merged_i = torch.cat([best_i, block_i + bank_start], dim=1)

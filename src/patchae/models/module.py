@@ -24,7 +24,8 @@ CHECKPOINT_KEY = "patchae"
 def search_chunks(budget_mb: float, bank_size: int) -> tuple[int, int]:
     """(query chunk, bank chunk) sizes so that one distance block of :func:`torch_nearest` fits ``budget_mb``.
 
-    A block costs about two float32 (queries x bank) matrices (distances, then distances + |q|^2).
+    A block peaks at about two float32 (queries x bank) matrices: the distances and top-k's workspace
+    (measured with ``python -m patchae.inference_benchmark mode=bank``).
     """
     budget = max(int(budget_mb * 2**20) // 8, 1 << 16)  # block elements
     bank_chunk = max(1, min(bank_size, 16384))
