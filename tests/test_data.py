@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import SHARED_MVTEC
 from patchae.data import (
     MVTEC_CATEGORIES,
     CutPaste,
@@ -30,7 +31,6 @@ from patchae.data.download import download_mvtec, safe_extract
 from patchae.data.synthetic import DEFECT_TYPES, MARKER_FILE, main
 from patchae.errors import PatchAEError
 
-REAL_MVTEC = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad"
 SMALL = {"n_train": 8, "n_test_good": 3, "n_test_defect": 6, "image_size": 64}
 
 
@@ -263,10 +263,10 @@ def test_category_without_good_test_images_works_with_a_warning(
     assert "no good test images" in caplog.text
 
 
-@pytest.mark.skipif(not (REAL_MVTEC / "bottle").is_dir(), reason="MVTec AD bottle not available")
+@pytest.mark.skipif(not (SHARED_MVTEC / "bottle").is_dir(), reason="MVTec AD bottle not available")
 def test_real_mvtec_bottle_counts() -> None:
-    train = mvtec_samples(REAL_MVTEC, "bottle", "train")
-    test = mvtec_samples(REAL_MVTEC, "bottle", "test")
+    train = mvtec_samples(SHARED_MVTEC, "bottle", "train")
+    test = mvtec_samples(SHARED_MVTEC, "bottle", "test")
     assert len(train) == 209 and len(test) == 83
     assert sum(s.mask_path is not None for s in test) == 63 == sum(s.label for s in test)
 
