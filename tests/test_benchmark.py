@@ -1,6 +1,5 @@
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import run_tiny_sweep
 from patchae import benchmark
 from patchae.benchmark import (
     MEAN,
@@ -192,30 +192,7 @@ def test_run_jobs_continues_past_a_failed_job(tmp_path, capsys):
 def test_alpha_sweep_then_benchmark_table(tmp_path):
     """The acceptance path: a 5-job multirun on synthetic data, then the benchmark's table of it."""
     sweep = tmp_path / "sweep"
-    command = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "-m",
-        "experiment=sweep_alpha",
-        "data=synthetic",
-        "category=synthetic",
-        "backbone=efficientnet_lite0",
-        f"data.root={tmp_path / 'data'}",
-        "data.n_train=4",
-        "data.n_test_good=2",
-        "data.n_test_defect=3",
-        "data.image_size=64",
-        "data.crop_size=null",
-        "data.synthetic_size=64",
-        "trainer.max_epochs=1",
-        "bank.coreset_ratio=0.5",
-        "logger=none",
-        "callbacks.results.overlays_per_type=0",
-        f"hydra.sweep.dir={sweep}",
-    ]
-    # One thread is plenty for 64 px images, and keeps a shared CPU from spinning idle OpenMP workers.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    done = run_tiny_sweep(tmp_path, sweep, "-m", "experiment=sweep_alpha", "bank.coreset_ratio=0.5")
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(list(sweep.glob("*/results.json"))) == 5
     table = subprocess.run(

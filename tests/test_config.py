@@ -1,9 +1,6 @@
 """The config tree: every experiment and every group option composes, and what it describes instantiates."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
+from conftest import run_tiny_sweep
 from patchae.callbacks import MemoryBankCallback, ResultsWriter
 from patchae.data import MVTEC_CATEGORIES
 from patchae.models import PatchAEModule, PatchCoreModule
@@ -231,29 +229,9 @@ def test_slurm_launcher_config(tmp_path):
 @pytest.mark.slow
 def test_optuna_sweep_runs_and_reports_the_best_chosen_metric(tmp_path):
     sweep = tmp_path / "optuna"
-    command = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "experiment=optuna",
-        "optimized_metric=aupro",
-        "hydra.sweeper.n_trials=2",
-        "data=synthetic",
-        "category=synthetic",
-        "backbone=efficientnet_lite0",
-        f"data.root={tmp_path / 'data'}",
-        "data.n_train=4",
-        "data.n_test_good=2",
-        "data.n_test_defect=3",
-        "data.image_size=64",
-        "data.crop_size=null",
-        "data.synthetic_size=64",
-        "trainer.max_epochs=1",
-        "logger=none",
-        "callbacks.results.overlays_per_type=0",
-        f"hydra.sweep.dir={sweep}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    done = run_tiny_sweep(
+        tmp_path, sweep, "experiment=optuna", "optimized_metric=aupro", "hydra.sweeper.n_trials=2"
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     aupro = [json.loads(path.read_text())["aupro"] for path in sweep.glob("*/results.json")]
     assert len(aupro) == 2

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
+from conftest import TINY_SYNTHETIC
 from patchae.errors import PatchAEError
 from patchae.models import PatchCoreModule
 from patchae.models.backbone import create_feature_extractor
@@ -15,15 +16,10 @@ from patchae.train import fit_and_test
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = [
-    "data=synthetic",
-    "category=synthetic",
-    "backbone=efficientnet_lite0",
+    *TINY_SYNTHETIC,
     "data.n_train=8",
     "data.n_test_good=4",
     "data.n_test_defect=4",
-    "data.image_size=64",
-    "data.crop_size=null",
-    "data.synthetic_size=64",
     "data.batch_size=4",
     "data.eval_batch_size=8",
     "trainer.max_epochs=1",
