@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-inference clean
 
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -19,8 +19,8 @@ test: install
 	$(PYTHON) -m pytest -q
 
 lint: install
-	$(PYTHON) -m ruff check src tests train.py
-	$(PYTHON) -m ruff format --check src tests train.py
+	$(PYTHON) -m ruff check src tests train.py predict.py export.py
+	$(PYTHON) -m ruff format --check src tests train.py predict.py export.py
 
 # `make bench`: Patch AE and PatchCore on every MVTec AD category under data/mvtec_ad, then one table
 # (multirun/benchmark_<time>/benchmark.{md,csv,png}). Pick categories, data and settings with BENCH_ARGS:
@@ -28,6 +28,12 @@ lint: install
 BENCH_ARGS ?= --categories all
 bench: install
 	$(PYTHON) -m patchae.benchmark run $(BENCH_ARGS)
+
+# `make bench-inference`: images/s and p50/p95 latency (batch 1 and 32), and exact vs IVF/IVF-PQ search on a 1M-vector
+# bank. Runs anywhere (untrained offline backbone by default); pass a trained model with INFER_ARGS="ckpt=<model.ckpt>".
+INFER_ARGS ?=
+bench-inference: install
+	$(PYTHON) -m patchae.inference_benchmark mode=all $(INFER_ARGS)
 
 clean:
 	rm -rf outputs multirun data/synthetic .pytest_cache
