@@ -17,7 +17,7 @@ from patchae.export import (
     run_torchscript,
 )
 from patchae.memory import torch_nearest
-from patchae.predict import Predictor
+from patchae.predict import Predictor, load_model
 
 trained = session_checkpoint_fixture()
 
@@ -95,3 +95,16 @@ def test_export_command_line_errors_are_one_line(tmp_path, capsys):
     assert "bad argument" in capsys.readouterr().err
     with pytest.raises(PatchAEError, match="format"):
         export_model(tmp_path / "x.ckpt", format="tflite")
+    with pytest.raises(PatchAEError, match="bank_block=0 must be a positive integer"):
+        export_model(tmp_path / "x.ckpt", bank_block=0)
+
+
+def test_export_of_a_model_with_an_approximate_index_checks_against_exact_search(trained, tmp_path):
+    """The graph searches exactly; the check must not compare it with an IVF index's neighbours."""
+    model = load_model(trained.ckpt, faiss_index="ivfpq")
+    ckpt = tmp_path / "ivfpq.ckpt"
+    torch.save(
+        {**torch.load(trained.ckpt, weights_only=False), "hyper_parameters": dict(model.hparams)}, ckpt
+    )
+    result = export_model(ckpt, tmp_path / "export", format="onnx")
+    assert max(result["onnx_max_difference"].values()) <= 1e-4

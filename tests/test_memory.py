@@ -227,6 +227,12 @@ class TestMemoryBank:
         with pytest.raises(PatchAEError, match="non-empty"):
             MemoryBank(torch.empty(0, 8))
 
+    def test_ivfpq_fits_any_feature_size_by_default(self) -> None:
+        # EfficientNet-Lite0's representation has 76 dimensions: a fixed 16 sub-vectors would not divide it.
+        bank = MemoryBank(torch.randn(20_000, 76), device="cpu", index="ivfpq", nlist=16)
+        assert bank.index_kind == "ivfpq" and bank.m == 19
+        assert MemoryBank(torch.randn(10, 768), index="ivfpq").m == 192
+
     @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
     def test_cuda_without_gpu_is_a_user_error(self) -> None:
         import faiss

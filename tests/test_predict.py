@@ -5,6 +5,8 @@ import io
 import json
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from PIL import Image
 from checkpoint_fixture import session_checkpoint_fixture
 from conftest import REPO
 from patchae.data import ImageTransform, SyntheticDataModule
+from patchae.errors import PatchAEError
 from patchae.inference_benchmark import benchmark_bank, extra_peak_mb, reset_peak_memory
 from patchae.memory import MemoryBank, torch_nearest
 from patchae.models.module import search_chunks
@@ -133,12 +136,47 @@ def test_stream_from_stdin(trained, tmp_path, monkeypatch):
     assert summary["predicted"] == 3
 
 
-def test_folder_labels_follow_the_mvtec_layout(tmp_path):
+def test_empty_stdin_is_a_one_line_error(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    with pytest.raises(PatchAEError, match="no image paths came on stdin"):
+        predict_to_folder(trained.ckpt, "-", tmp_path, show_progress=False)
+
+
+def test_a_stream_result_does_not_wait_for_the_next_path(trained):
+    """On a line, image N's decision must come before image N+1 arrives, whatever the batch size."""
+    images = sorted((trained.data_dir / "test").rglob("*.png"))[:2]
+    first_scored = threading.Event()
+
+    def camera():
+        yield images[0]
+        assert first_scored.wait(timeout=30), "the first result was held back until the next path came"
+        yield images[1]
+
+    predictor = Predictor.from_checkpoint(trained.ckpt, device="cpu", batch_size=8)
+    results = predictor.predict_paths(camera())
+    first = next(results)
+    first_scored.set()
+    assert first.path == str(images[0]) and first.error is None
+    assert [p.path for p in results] == [str(images[1])]
+
+
+def test_bad_command_line_values_are_one_line_errors(trained, tmp_path):
+    with pytest.raises(PatchAEError, match="threshold='abc' must be a finite number"):
+        predict_to_folder(trained.ckpt, trained.data_dir / "test", tmp_path, threshold="abc")
+    with pytest.raises(PatchAEError, match="search_memory_mb"):
+        predict_to_folder(trained.ckpt, trained.data_dir / "test", tmp_path, search_memory_mb="lots")
+    with pytest.raises(PatchAEError, match="dtype uint16"):
+        Predictor.from_checkpoint(trained.ckpt, device="cpu").predict([np.zeros((8, 8, 3), np.uint16)])
+
+
+def test_folder_labels_follow_the_mvtec_layout(tmp_path, monkeypatch):
     for folder in ("test/good", "test/crack", "plain"):
         (tmp_path / folder).mkdir(parents=True)
     assert folder_label(tmp_path / "test" / "good" / "a.png") == 0
     assert folder_label(tmp_path / "test" / "crack" / "a.png") == 1
     assert folder_label(tmp_path / "plain" / "a.png") is None
+    monkeypatch.chdir(tmp_path / "test" / "crack")
+    assert folder_label(Path("a.png")) == 1  # a relative path is labelled like its absolute one
 
 
 def test_command_line_with_a_glob(trained, tmp_path):

@@ -11,6 +11,7 @@ from checkpoint_fixture import session_checkpoint_fixture
 from patchae.data import SyntheticDataModule
 from patchae.errors import PatchAEError
 from patchae.metrics import f1_max
+from patchae.models import PatchAEModule
 from patchae.predict import load_model
 from patchae.thresholds import Thresholds, calibrate, f1_threshold, normalize_scores, quantile_threshold
 
@@ -131,3 +132,8 @@ def test_testing_stores_both_thresholds_in_the_checkpoint(trained):
     saved = json.loads((trained.ckpt.parent / "results.json").read_text())
     assert saved["image_threshold"] == pytest.approx(thresholds.value)
     assert 0.8 <= saved["image_accuracy"] <= 1.0
+
+
+def test_a_bad_threshold_value_is_refused_before_training():
+    with pytest.raises(PatchAEError, match="threshold.value=nan must be a finite number"):
+        PatchAEModule("tf_efficientnet_lite0", (2, 3), pretrained=False, threshold_value=float("nan"))

@@ -237,7 +237,7 @@ def max_differences(reference: tuple[Tensor, ...], exported: tuple[Tensor, ...])
 
 @torch.no_grad()
 def reference_outputs(model: AnomalyModule, thresholds: Thresholds, images: Tensor) -> tuple[Tensor, ...]:
-    """What the checkpoint itself says (its own search: faiss or torch)."""
+    """What the checkpoint's model says on ``images`` (with the search it was loaded with)."""
     maps, scores = model(images.to(model.device))
     return maps.cpu(), scores.cpu(), thresholds.normalize(scores).cpu()
 
@@ -270,8 +270,13 @@ def export_model(
     """Export a checkpoint; returns the paths written and, with ``check``, the largest output differences."""
     if format not in FORMATS:
         raise PatchAEError(f"format={format} is unknown; use one of {', '.join(FORMATS)}")
+    for name, value in (("batch_size", batch_size), ("bank_block", bank_block)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PatchAEError(f"{name}={value!r} must be a positive integer")
     ckpt = Path(ckpt).expanduser()
-    model = load_model(ckpt, device="cpu", faiss_device="cpu")
+    # Exact torch search, as in the exported graph: a checkpoint with an approximate faiss index (ivf, ivfpq)
+    # would otherwise be compared with different neighbours.
+    model = load_model(ckpt, device="cpu", search="torch")
     thresholds = pick_thresholds(model.thresholds, threshold, threshold_method, source=f"checkpoint {ckpt}")
     output = Path(output).expanduser() if output else ckpt.parent / "export"
     output.mkdir(parents=True, exist_ok=True)

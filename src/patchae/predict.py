@@ -22,12 +22,14 @@ import io
 import json
 import logging
 import math
+import queue
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from itertools import islice
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from patchae.data import IMAGE_EXTENSIONS, ImageTransform, load_rgb
 from patchae.data.images import is_image_file
-from patchae.errors import PatchAEError
+from patchae.errors import PatchAEError, finite_number
 from patchae.models.module import CHECKPOINT_KEY, AnomalyModule, PatchAEModule
 from patchae.thresholds import Thresholds
 from patchae.visualize import heatmap
@@ -47,6 +49,7 @@ from patchae.visualize import heatmap
 log = logging.getLogger(__name__)
 
 GOOD = "good"
+_END = object()  # marks the end of the paths in Predictor.predict_paths
 _GLOB_CHARS = set("*?[")
 
 
@@ -60,6 +63,10 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise PatchAEError(f"device={device} is not a device; use auto, cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise PatchAEError(f"device={device} but no CUDA GPU is visible; use device=cpu or device=auto")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise PatchAEError(
+            f"device={device} but only {torch.cuda.device_count()} GPU(s) are visible; use cuda:0 .. cuda:N-1"
+        )
     return resolved
 
 
@@ -218,7 +225,7 @@ def stdin_paths() -> Iterator[Path]:
 def folder_label(path: Path) -> int | None:
     """Label implied by the MVTec layout: ``.../good/x`` is normal (0); ``.../test/<defect>/x`` and a
     folder next to a ``good/`` one are anomalous (1); anything else is unlabelled (None)."""
-    parent = path.parent
+    parent = path.resolve().parent  # so that a relative 'x.png' inside test/broken/ is labelled as well
     if parent.name == GOOD:
         return 0
     if parent.parent.name == "test" or (parent.parent / GOOD).is_dir():
@@ -276,14 +283,23 @@ class LoadedImage:
     size: tuple[int, int] = (0, 0)  # original (height, width)
     pixels: np.ndarray | None = None  # original RGB, when overlays are wanted
     error: str | None = None
+    from_file: bool = False  # only files have folder labels; in-memory images are named image_<i>
 
 
 def as_rgb(image: Image.Image | np.ndarray) -> Image.Image:
     """An in-memory image as 8-bit RGB with exactly the rules :func:`patchae.data.load_rgb` applies to files."""
     if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
         if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
             return Image.fromarray(image)
-        image = Image.fromarray(image)
+        try:
+            image = Image.fromarray(image)
+        except (TypeError, ValueError):
+            raise PatchAEError(
+                f"cannot read an array of shape {image.shape} and dtype {image.dtype} as an image; pass uint8 "
+                "(H, W), (H, W, 3) or (H, W, 4), uint16 or float32 (H, W), or a PIL image"
+            ) from None
     if image.mode == "RGB":
         return image
     buffer = io.BytesIO()
@@ -339,7 +355,7 @@ class Predictor:
             overrides["faiss_device"] = "cpu"
         model = load_model(ckpt, device=str(torch_device), **overrides)
         if search_memory_mb is not None:
-            model.search_block_mb = float(search_memory_mb)
+            model.search_block_mb = finite_number("search_memory_mb", search_memory_mb)
         thresholds = pick_thresholds(
             model.thresholds, threshold, threshold_method, threshold_quantile, f"checkpoint {ckpt}"
         )
@@ -358,7 +374,7 @@ class Predictor:
     def load(self, path: str | Path) -> LoadedImage:
         """Read and preprocess one file; a file that cannot be read gives an error record, not an exception."""
         try:
-            return self.prepare(load_rgb(path), str(path))
+            return replace(self.prepare(load_rgb(path), str(path)), from_file=True)
         except PatchAEError as error:
             return LoadedImage(str(path), error=str(error))
         except Exception as error:  # a decoder failing in an unexpected way must not stop the other images
@@ -400,7 +416,7 @@ class Predictor:
                     score=float(scores[i]),
                     normalized_score=float(normalized[i]),
                     anomalous=bool(self.thresholds.is_anomalous(scores[i].double().cpu())),
-                    label=folder_label(Path(item.path)),
+                    label=folder_label(Path(item.path)) if item.from_file else None,
                     height=item.size[0],
                     width=item.size[1],
                     anomaly_map=full.float().cpu().numpy(),
@@ -411,7 +427,7 @@ class Predictor:
     def predict(
         self, images: Sequence[Image.Image | np.ndarray], names: Sequence[str] | None = None
     ) -> list[Prediction]:
-        """Score in-memory images (PIL or uint8/uint16 arrays, any size and mode), in batches."""
+        """Score in-memory images (PIL images of any mode, or arrays as :func:`as_rgb` takes), in batches."""
         names = list(names) if names is not None else [f"image_{i}" for i in range(len(images))]
         predictions: list[Prediction] = []
         for start in range(0, len(images), self.batch_size):
@@ -420,18 +436,40 @@ class Predictor:
         return predictions
 
     def predict_paths(self, paths: Iterable[str | Path]) -> Iterator[Prediction]:
-        """Score image files as a stream, in order, one batch loading while the previous one is scored."""
-        iterator = iter(paths)
+        """Score image files in order, the next ones loading (up to two batches ahead) while one is scored.
+
+        A list is scored in full batches. A stream (stdin, a generator) is scored in batches of whatever has
+        arrived, so no result waits for paths that have not come yet.
+        """
+        full_batches = isinstance(paths, Sequence)
+        loads: queue.Queue[Any] = queue.Queue(maxsize=2 * self.batch_size)  # bounds the images held in memory
         with ThreadPoolExecutor(max_workers=max(1, self.num_workers)) as pool:
 
-            def submit_next() -> list[Future[LoadedImage]]:
-                return [pool.submit(self.load, path) for path in islice(iterator, self.batch_size)]
+            def read() -> None:
+                try:
+                    for path in paths:
+                        loads.put(pool.submit(self.load, path))
+                except BaseException as error:  # e.g. stdin that is not text: re-raised below
+                    loads.put(error)
+                loads.put(_END)
 
-            pending = submit_next()
-            while pending:
-                loaded = [future.result() for future in pending]
-                pending = submit_next()
-                yield from self._predict_loaded(loaded)
+            threading.Thread(target=read, daemon=True).start()
+            ended = False
+            while not ended:
+                batch = [loads.get()]
+                while len(batch) < self.batch_size and batch[-1] is not _END:
+                    try:
+                        batch.append(loads.get() if full_batches else loads.get_nowait())
+                    except queue.Empty:
+                        break
+                if batch[-1] is _END:
+                    ended = True
+                    batch.pop()
+                for item in batch:
+                    if isinstance(item, BaseException):
+                        raise item
+                if batch:
+                    yield from self._predict_loaded([future.result() for future in batch])
 
 
 # -- writing results --------------------------------------------------------------------------------------
@@ -545,25 +583,27 @@ def predict_to_folder(
     total = None if streaming else len(paths)  # type: ignore[arg-type]
     with ThreadPoolExecutor(max_workers=2) as writers, _maybe_progress(show_progress) as progress:
         task = progress.add_task("predicting", total=total) if progress else None
-        writes: list[Future[None]] = []
+        writes: deque[Future[None]] = deque()
         for prediction in predictor.predict_paths(paths):
             rows.append(prediction.row())
             if prediction.error is not None:
                 errors.append({"path": prediction.path, "error": prediction.error})
                 log.warning("skipped: %s", prediction.error)
-            else:
+            elif overlays or save_maps:
                 name = names(Path(prediction.path))
-                if overlays:
-                    writes.append(
-                        writers.submit(_save_overlay, prediction, output / "overlays" / f"{name}.png")
-                    )
-                if save_maps:
-                    (output / "maps").mkdir(exist_ok=True)
-                    np.save(output / "maps" / f"{name}.npy", prediction.anomaly_map)
+                overlay = output / "overlays" / f"{name}.png" if overlays else None
+                anomaly_map = output / "maps" / f"{name}.npy" if save_maps else None
+                writes.append(writers.submit(_save_outputs, prediction, overlay, anomaly_map))
+                while len(writes) > 2 * predictor.batch_size:  # bound the images waiting to be written
+                    writes.popleft().result()
             if progress:
                 progress.advance(task)
         for write in writes:
             write.result()
+    if not rows:  # only a stream can be empty: find_images() refuses an input without images
+        raise PatchAEError(
+            "no image paths came on stdin; pipe one path per line, e.g. find dir -name '*.png' | python predict.py ... input=-"
+        )
     seconds = time.perf_counter() - started
     summary = summarize(rows, errors, predictor, ckpt, input, output, seconds)
     write_csv(output / "predictions.csv", rows)
@@ -576,9 +616,21 @@ def predict_to_folder(
     return summary
 
 
-def _save_overlay(prediction: Prediction, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    overlay_image(prediction).save(path, compress_level=1)  # 2x faster than the default, files ~5 % larger
+def _save_outputs(prediction: Prediction, overlay: Path | None, anomaly_map: Path | None) -> None:
+    """Write an image's overlay PNG and/or its map (.npy); a failed write is a one-line error."""
+    for path in (overlay, anomaly_map):
+        if path is None:
+            continue
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path == overlay:  # compress_level 1: 2x faster than the default, files ~5 % larger
+                overlay_image(prediction).save(path, compress_level=1)
+            else:
+                np.save(path, prediction.anomaly_map)
+        except OSError as error:
+            raise PatchAEError(
+                f"cannot write {path} ({error.strerror or error}); check that output= has free space and write permission"
+            ) from None
 
 
 class _NoProgress:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from patchae.errors import PatchAEError
+from patchae.errors import PatchAEError, finite_number
 from patchae.metrics import f1_max
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def quantile_threshold(normal_scores: Tensor, q: float) -> float:
 
 
 def check_quantile(q: float) -> float:
-    if not 0.0 < float(q) <= 1.0:
+    if not 0.0 < finite_number("threshold.quantile", q) <= 1.0:
         raise PatchAEError(f"threshold.quantile={q} must be in (0, 1], e.g. 0.99")
     return float(q)
 
@@ -106,9 +106,7 @@ class Thresholds:
 
     def with_value(self, value: float) -> Thresholds:
         """A user-given raw threshold."""
-        if not math.isfinite(float(value)):
-            raise PatchAEError(f"threshold={value} must be a finite raw image score")
-        return replace(self, method="manual", value=float(value))
+        return replace(self, method="manual", value=finite_number("threshold", value))
 
     def with_quantile(self, q: float) -> Thresholds:
         """Re-pick the quantile threshold from the stored held-out normal scores."""

@@ -112,6 +112,11 @@ def torch_nearest(
     return torch.cat(distance_chunks, dim=0), torch.cat(index_chunks, dim=0)
 
 
+def default_pq_subvectors(dim: int) -> int:
+    """The divisor of ``dim`` nearest ``dim / 4``: product-quantizer sub-vectors of about 4 dimensions."""
+    return min((m for m in range(1, dim + 1) if dim % m == 0), key=lambda m: abs(m - dim / 4))
+
+
 class MemoryBank:
     """Normal patch features (``vectors``, (M, D) float32 on CPU) plus a lazily built faiss index.
 
@@ -125,7 +130,8 @@ class MemoryBank:
             quantization; for very large banks). ivf/ivfpq fall back to flat when the bank is too small
             to train them.
         nlist: number of inverted lists (ivf, ivfpq).
-        m: product-quantizer sub-vectors (ivfpq); must divide D.
+        m: product-quantizer sub-vectors (ivfpq); must divide D. None: the divisor of D nearest D / 4, i.e.
+            about 4 dimensions per one-byte code (16x smaller than float32), whatever the backbone's D.
         nprobe: lists visited per query (ivf, ivfpq); higher = more accurate, slower.
         rerank: ivfpq fetches ``k * rerank`` candidates by compressed distance and keeps the ``k`` nearest
             by exact distance (1 = no re-ranking).
@@ -137,7 +143,7 @@ class MemoryBank:
         device: str = "auto",
         index: str = "flat",
         nlist: int = 1024,
-        m: int = 16,
+        m: int | None = None,
         nprobe: int = 8,
         rerank: int = 8,
     ) -> None:
@@ -148,10 +154,11 @@ class MemoryBank:
             )
         if index not in INDEX_KINDS:
             raise PatchAEError(f"bank.index must be one of {', '.join(INDEX_KINDS)}, got {index!r}")
+        self.vectors = vectors.detach().to("cpu", torch.float32).contiguous()
+        m = default_pq_subvectors(self.dim) if m is None else m
         for name, value in (("nlist", nlist), ("m", m), ("nprobe", nprobe), ("rerank", rerank)):
             if int(value) < 1:
                 raise PatchAEError(f"bank.{name} must be a positive integer, got {value}")
-        self.vectors = vectors.detach().to("cpu", torch.float32).contiguous()
         self.device = device
         self.nlist, self.m, self.nprobe, self.rerank = int(nlist), int(m), int(nprobe), int(rerank)
         self.requested_index = index
@@ -308,7 +315,7 @@ class MemoryBank:
             device=device,
             index=state.get("index", "flat"),
             nlist=state.get("nlist", 1024),
-            m=state.get("m", 16),
+            m=state.get("m"),
             nprobe=state.get("nprobe", 8),
             rerank=state.get("rerank", 8),
         )

@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from patchae.errors import PatchAEError
+from patchae.errors import PatchAEError, finite_number
 from patchae.memory import MemoryBank, torch_nearest
 from patchae.metrics import AnomalyMetrics
 from patchae.models.patch_ae import PatchAE, patch_ae_loss
@@ -69,7 +69,10 @@ class AnomalyModule(L.LightningModule):
         self.test_results: dict[str, float] = {}
         self.threshold_method = check_method(threshold_method)
         self.threshold_quantile = check_quantile(threshold_quantile)
-        self.threshold_value = threshold_value
+        # Checked now: a bad value found only after testing would cost the whole training run.
+        self.threshold_value = (
+            None if threshold_value is None else finite_number("threshold.value", threshold_value)
+        )
         self.thresholds = Thresholds()
         self.normal_scores = torch.empty(0)
         self._test_scores: list[torch.Tensor] = []
