@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,11 @@ from patchae.benchmark import (
     MEAN,
     PAPER_PATCHCORE,
     build_rows,
+    check_overrides,
     collect,
     find_runs,
     job_commands,
+    latest_multirun,
     main,
     method_names,
     run_jobs,
@@ -182,7 +185,9 @@ def test_run_jobs_continues_past_a_failed_job(tmp_path, capsys):
         ),
         ("ok", tmp_path / "ok", [sys.executable, "-c", ok]),
     ]
+    fake_run(tmp_path / "bad", category="from an earlier benchmark")  # left in a reused --out
     assert run_jobs(jobs) == ["bad"]
+    assert not (tmp_path / "bad" / "results.json").exists()  # so its old results are not collected
     assert "error: no such folder" in (tmp_path / "bad" / "console.log").read_text()
     assert (tmp_path / "ok" / "results.json").is_file()
     assert "bad failed" in capsys.readouterr().out
@@ -208,3 +213,38 @@ def test_alpha_sweep_then_benchmark_table(tmp_path):
     rows = list(csv.DictReader((sweep / "benchmark.csv").open()))
     assert len(rows) == 5
     assert all(0.0 <= float(row["image_auroc"]) <= 1.0 for row in rows)
+
+
+def test_mean_rows_compare_methods_over_the_same_categories(tmp_path, capsys):
+    fake_run(tmp_path / "ae_bottle", ["model=patch_ae", "category=bottle"], image_auroc=0.9)
+    fake_run(tmp_path / "ae_screw", ["model=patch_ae", "category=screw"], category="screw", image_auroc=0.5)
+    fake_run(
+        tmp_path / "pc_bottle",
+        ["model=patchcore", "category=bottle"],
+        model="PatchCoreModule",
+        image_auroc=0.8,
+    )
+    means = {
+        row.method: row.metrics["image_auroc"]
+        for row in build_rows(find_runs([tmp_path]))
+        if row.category == MEAN
+    }
+    assert means == {
+        "Patch AE": pytest.approx(0.9),
+        "PatchCore": pytest.approx(0.8),
+    }  # screw: PatchCore failed
+    assert "left out: screw" in capsys.readouterr().err
+
+
+def test_latest_multirun_is_the_one_whose_runs_finished_last(tmp_path):
+    older, newer = fake_run(tmp_path / "a" / "job"), fake_run(tmp_path / "b" / "job")
+    os.utime(older / "results.json", (1_000, 1_000))
+    os.utime(newer / "results.json", (2_000, 2_000))
+    collect([tmp_path / "a"], quiet=True)  # writing the table into the older directory changes nothing
+    assert latest_multirun(tmp_path) == tmp_path / "b"
+
+
+def test_a_mistyped_override_stops_the_benchmark_before_any_job(tmp_path):
+    with pytest.raises(PatchAEError, match="Could not override 'data.rot'"):
+        check_overrides(["patch_ae"], ["data.rot=1"])
+    check_overrides(["patch_ae", "patchcore"], ["backbone=efficientnet_lite0", "hydra.job.chdir=false"])

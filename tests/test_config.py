@@ -136,6 +136,8 @@ def test_patchcore_shares_the_backbone_and_bank_settings_of_patch_ae(tmp_path):
         "bank.num_neighbors=3",
         "bank.search=torch",
         "scoring.blur_sigma=2",
+        "threshold.method=quantile",
+        "threshold.quantile=0.95",
     ]
     patch_ae = compose_config([*overrides, "model=patch_ae"], tmp_path).model
     patchcore = compose_config([*overrides, "model=patchcore"], tmp_path).model
@@ -148,6 +150,9 @@ def test_patchcore_shares_the_backbone_and_bank_settings_of_patch_ae(tmp_path):
         "image_size",
         "crop_size",
         "mean",
+        "threshold_method",
+        "threshold_quantile",
+        "threshold_value",
     ):
         assert (
             OmegaConf.to_container(patchcore, resolve=True)[key]

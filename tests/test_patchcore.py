@@ -11,7 +11,7 @@ from conftest import TINY_SYNTHETIC
 from patchae.errors import PatchAEError
 from patchae.models import PatchCoreModule
 from patchae.models.backbone import create_feature_extractor
-from patchae.models.patchcore import locally_aware_features, reduce_channels, reweighted_image_scores
+from patchae.models.patchcore import locally_aware_features, pool_channels, reweighted_image_scores
 from patchae.train import fit_and_test
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -56,12 +56,20 @@ def test_patch_size_one_gives_the_plain_backbone_features():
         assert torch.allclose(model.embed(images), backbone.eval()(images)[0], atol=1e-6)
 
 
-def test_reduce_channels_averages_neighbouring_channels():
+def test_pool_channels_averages_neighbouring_channels():
     embedding = torch.arange(8.0).reshape(1, 4, 1, 2)  # channels c hold 2c, 2c+1 over width
-    reduced = reduce_channels(embedding, 2)
+    reduced = pool_channels(embedding, 2)
     assert reduced.shape == (1, 2, 1, 2)
     assert torch.allclose(reduced[0, :, 0, 0], torch.tensor([(0 + 2) / 2, (4 + 6) / 2]))
-    assert reduce_channels(embedding, 16) is embedding
+    assert pool_channels(embedding, 4) is embedding
+
+
+def test_embedding_dim_weighs_every_stage_the_same():
+    """As PatchCore's reference code: stages are pooled to the same size before they are combined."""
+    shallow, deep = torch.ones(1, 2, 2, 2), torch.zeros(1, 6, 2, 2)  # 2 channels of ones, 6 of zeros
+    embedding = locally_aware_features([shallow, deep], patch_size=1, embedding_dim=2)
+    assert embedding.shape == (1, 2, 2, 2)
+    assert torch.allclose(embedding.mean(), torch.tensor(0.5))  # pooling the plain concatenation: 0.25
 
 
 def test_reweighted_score_matches_the_formula_by_hand():

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from hydra.utils import instantiate
 from conftest import REPO, TINY_RUN
 from patchae.models import PatchAEModule
 from patchae.train import fit_and_test
+from patchae.wandb_media import finish_wandb_run
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +85,8 @@ def run_train(*args, cwd=REPO):
     [
         (["data.root=/nonexistent/mvtec"], "not found"),
         (["category=no_such_category"], "no_such_category"),
+        (["data=folder"], "data.normal_dir is required"),
+        (["optimized_metric=image_aucroc"], "optimized_metric=image_aucroc is unknown"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, overrides, expected):
@@ -129,3 +133,15 @@ def test_unknown_config_key_is_reported_by_hydra():
     assert result.returncode != 0
     assert "alhpa" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_failed_job_closes_its_wandb_run(monkeypatch):
+    """Lightning skips teardown when a job fails: the next job of a multirun must not log into its run."""
+    finished = []
+    fake_wandb = SimpleNamespace(run=object(), finish=lambda exit_code: finished.append(exit_code))
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    finish_wandb_run(failed=True)
+    assert finished == [1]
+    fake_wandb.run = None
+    finish_wandb_run(failed=True)  # no open run: nothing to finish
+    assert finished == [1]

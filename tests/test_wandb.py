@@ -147,6 +147,8 @@ def test_offline_run_writes_metrics_media_and_summary_with_csv_and_tensorboard_b
     assert summary["train_seconds"][-1] > 0
     assert config["alpha"][-1] == pytest.approx(0.5)
     assert config["category"][-1] == "synthetic"
+    assert config["model_name"][-1] == "PatchAEModule"
+    assert config["model"][-1]["c3"] is None and "alpha" in config["model"][-1]  # the settings stay whole
     # Images with masks, overlays and the ROC table are files of the run.
     media = run_dir / "files" / "media"
     predictions = list((media / "images" / "test").glob("predictions_*.png"))

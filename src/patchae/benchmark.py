@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -209,16 +209,34 @@ def build_rows(runs: Sequence[Run]) -> list[Row]:
         rows.append(Row(category, method, metrics, [run.run_dir for run in members]))
     if len({category for category, _ in groups}) < 2:
         return rows
+    shared = shared_categories(rows)
+    left_out = sorted({c for c, _ in groups} - shared, key=category_key)
+    if left_out:
+        print(
+            f"mean rows cover the {len(shared)} categories every method ran on; left out: {', '.join(left_out)}",
+            file=sys.stderr,
+        )
     for method in methods:
-        members = [row for row in rows if row.method == method]
+        members = [row for row in rows if row.method == method and row.category in shared]
         metrics = {key: mean(row.metrics[key] for row in members) for key, _, _ in METRICS}
         rows.append(Row(MEAN, method, metrics, [path for row in members for path in row.runs]))
     return rows
 
 
-def mean_paper(rows: Sequence[Row], method: str) -> dict[str, float | None]:
-    """Paper means over the categories this method ran on (Patch AE's only over all 15)."""
-    categories = {row.category for row in rows if row.method == method and row.category != MEAN}
+def shared_categories(rows: Sequence[Row]) -> set[str]:
+    """The categories every method has a row for: means compare methods over these only."""
+    methods = {row.method for row in rows}
+    return set.intersection(
+        *(
+            {row.category for row in rows if row.method == method and row.category != MEAN}
+            for method in methods
+        )
+    )
+
+
+def mean_paper(rows: Sequence[Row]) -> dict[str, float | None]:
+    """Paper means over the categories of the mean rows (Patch AE's only over all 15)."""
+    categories = shared_categories(rows)
     patchcore = [PAPER_PATCHCORE.get(category) for category in categories]
     return {
         "paper_patch_ae": PAPER_PATCH_AE_MEAN if categories == set(CATEGORY_ORDER) else None,
@@ -227,7 +245,7 @@ def mean_paper(rows: Sequence[Row], method: str) -> dict[str, float | None]:
 
 
 def paper_columns(rows: Sequence[Row], row: Row) -> dict[str, float | None]:
-    return mean_paper(rows, row.method) if row.category == MEAN else row.paper
+    return mean_paper(rows) if row.category == MEAN else row.paper
 
 
 # -- writing ------------------------------------------------------------------------------------------
@@ -414,7 +432,12 @@ def latest_multirun(root: Path = Path("multirun")) -> Path:
             f"no runs under {root}/; give the directories to collect, e.g. "
             "python -m patchae.benchmark collect outputs/bottle"
         )
-    return max(candidates, key=lambda path: path.stat().st_mtime)
+    # By when its runs finished: writing the table files into an older directory must not make it the latest.
+    return max(candidates, key=lambda path: max(finished_times(path), default=path.stat().st_mtime))
+
+
+def finished_times(directory: Path) -> Iterator[float]:
+    return (path.stat().st_mtime for path in directory.rglob("results.json"))
 
 
 # -- running ------------------------------------------------------------------------------------------
@@ -459,6 +482,23 @@ def job_commands(
     return jobs
 
 
+def check_overrides(models: Sequence[str], overrides: Sequence[str]) -> None:
+    """Compose each model's config once, so that a mistyped override stops the benchmark with Hydra's reason
+    before any job starts, instead of failing every job alike."""
+    from hydra import compose, initialize_config_dir
+
+    run_settings = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base="1.3"):
+        for model in models:
+            try:
+                compose("train", overrides=[*run_settings, f"model={model}"])
+            except (
+                Exception
+            ) as error:  # Hydra's override and config errors; its first lines say what is wrong
+                reason = " ".join(line.strip() for line in str(error).splitlines()[:2])
+                raise PatchAEError(f"the overrides do not compose with model={model}: {reason}") from None
+
+
 def run_jobs(jobs: Sequence[tuple[str, Path, list[str]]]) -> list[str]:
     """Runs the jobs one after the other with an overall progress bar; returns the names of failed jobs."""
     from patchae.callbacks import progress_bar
@@ -469,6 +509,9 @@ def run_jobs(jobs: Sequence[tuple[str, Path, list[str]]]) -> list[str]:
         for name, run_dir, command in jobs:
             progress.update(task, description=f"benchmark: {name}")
             run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "results.json").unlink(
+                missing_ok=True
+            )  # a job that fails now must not show old results
             start = time.perf_counter()
             with (run_dir / "console.log").open("w") as console:
                 env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -500,6 +543,7 @@ def run(
     dry_run: bool = False,
 ) -> list[Row]:
     jobs = job_commands(categories, models, overrides, out)
+    check_overrides(models, overrides)
     if dry_run:
         for _, _, command in jobs:
             print(" ".join(command))

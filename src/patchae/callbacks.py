@@ -106,6 +106,8 @@ class ResultsWriter(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.perf_counter()
+        if torch.cuda.is_available():  # this run's peak, not an earlier job's of the same multirun process
+            torch.cuda.reset_peak_memory_stats()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Runs after MemoryBankCallback (callbacks run in list order), so the bank is included.

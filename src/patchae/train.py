@@ -14,15 +14,25 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 from rich.console import Console
 from rich.table import Table
 
 from patchae.callbacks import ResultsWriter
 from patchae.errors import PatchAEError
+from patchae.wandb_media import finish_wandb_run
 
 log = logging.getLogger(__name__)
 
 REPORTED_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+# What a sweep may optimise (`optimized_metric`): keys of every run's results.
+OPTIMIZABLE = (
+    *REPORTED_METRICS,
+    "image_accuracy",
+    "train_seconds",
+    "test_images_per_second",
+    "peak_memory_mb",
+)
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
@@ -69,6 +79,8 @@ def fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     try:
         datamodule, model, trainer = build(cfg)
+    except MissingMandatoryValue as error:  # a ??? in the config, e.g. data=folder without data.normal_dir
+        raise PatchAEError(f"{error.full_key} is required: add {error.full_key}=<value>") from None
     except InstantiationException as error:
         # Hydra wraps our own errors; unwrap them so the user sees one clear line.
         cause = error.__cause__
@@ -89,7 +101,11 @@ def fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     trainer.test(model, datamodule=datamodule, verbose=False)
     # Saved after testing so that what the test learns (thresholds) travels with the model.
     trainer.save_checkpoint(output_dir / "model.ckpt")
-    results = {**metadata, **model.test_results, "run_dir": str(output_dir)}
+    results = {**metadata, **model.test_results}
+    for callback in trainer.callbacks:  # timings, peak memory and bank size, as in results.json
+        if isinstance(callback, ResultsWriter):
+            results.update(getattr(callback, "results", {}))
+    results["run_dir"] = str(output_dir)
     print_results(results)
     log.info("results, checkpoint and overlays in %s", output_dir)
     return results
@@ -108,15 +124,34 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def is_optuna_sweep() -> bool:
+    return is_multirun() and "optuna" in str(HydraConfig.get().sweeper.get("_target_", "")).lower()
+
+
 def run(cfg: DictConfig) -> float:
     """Hydra task: returns ``cfg.optimized_metric`` for sweepers. A user error ends a single run with one
-    line; in a multirun it is logged and the sweep goes on with the other jobs."""
+    line; in a multirun it is logged and the sweep goes on with the other jobs (an Optuna sweep marks the
+    trial failed: it cannot take nan as a value)."""
     try:
+        if cfg.optimized_metric not in OPTIMIZABLE:
+            raise PatchAEError(
+                f"optimized_metric={cfg.optimized_metric} is unknown; use one of {', '.join(OPTIMIZABLE)}"
+            )
         results = fit_and_test(cfg)
+        value = float(results.get(cfg.optimized_metric, math.nan))
+        if math.isnan(value) and is_optuna_sweep():
+            raise PatchAEError(f"{cfg.optimized_metric} is nan for this run, so Optuna cannot rank it")
     except PatchAEError as error:
+        finish_wandb_run(failed=True)
+        if is_optuna_sweep():
+            log.error("error: %s", user_message(error))
+            raise
         if is_multirun():
             log.error("error: %s", user_message(error))
             return math.nan
         print(f"error: {user_message(error)}", file=sys.stderr)
         sys.exit(1)
-    return float(results.get(cfg.optimized_metric, math.nan))
+    except BaseException:
+        finish_wandb_run(failed=True)
+        raise
+    return value

@@ -10,6 +10,7 @@ import logging
 import math
 import netrc
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "online", "offline", "disabled")
 # Run metadata that dashboards group by; copied to the top level of the W&B config.
 GROUP_KEYS = ("category", "model", "backbone", "layers", "alpha", "experiment", "seed")
+# "model" and "backbone" are also config sections (their settings): in the config these keys go beside them.
+CONFIG_NAMES = {"model": "model_name", "backbone": "backbone_name"}
 SUMMARY_KEYS = (
     "image_auroc",
     "pixel_auroc",
@@ -67,6 +70,14 @@ def resolve_mode(mode: str = "auto") -> str:
     if env_mode in ("dryrun", "run"):  # W&B's older spellings
         return "offline" if env_mode == "dryrun" else "online"
     return "online" if has_wandb_api_key() else "offline"
+
+
+def finish_wandb_run(failed: bool) -> None:
+    """Close a W&B run a failed job left open (Lightning skips teardown on errors), so that the next job of
+    an in-process multirun starts its own run. Does nothing when W&B was never used."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1 if failed else 0)
 
 
 def in_multirun() -> bool:
@@ -182,7 +193,9 @@ class WandbMediaCallback(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logger = find_wandb_logger(trainer)
         if logger is not None and trainer.is_global_zero:
-            logger.experiment.config.update(self.metadata(trainer, pl_module), allow_val_change=True)
+            metadata = self.metadata(trainer, pl_module)
+            config = {CONFIG_NAMES.get(key, key): value for key, value in metadata.items()}
+            logger.experiment.config.update(config, allow_val_change=True)
 
     # -- collecting -------------------------------------------------------------------------------
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -22,11 +22,17 @@ from patchae.models.module import AnomalyModule
 warnings.filterwarnings("ignore", message=r".*configure_optimizers.* returned `None`.*")
 
 
-def locally_aware_features(features: Sequence[torch.Tensor], patch_size: int = 3) -> torch.Tensor:
+def locally_aware_features(
+    features: Sequence[torch.Tensor], patch_size: int = 3, embedding_dim: int | None = None
+) -> torch.Tensor:
     """PatchCore's patch features: every stage averaged over a ``patch_size`` neighbourhood (zero padded, as
     PatchCore's unfold), deeper stages bilinearly resized to the first stage's grid, then concatenated.
 
-    Returns (B, sum(C_i), h, w) with (h, w) the grid of ``features[0]``.
+    With ``embedding_dim``, as PatchCore's reference code: each stage's channels are average-pooled to
+    ``embedding_dim`` before the concatenation, which is then pooled to ``embedding_dim`` again, so every
+    stage weighs the same whatever its channel count.
+
+    Returns (B, sum(C_i), h, w), or (B, embedding_dim, h, w), with (h, w) the grid of ``features[0]``.
     """
     if patch_size < 1 or patch_size % 2 == 0:
         raise PatchAEError(f"model.patch_size={patch_size} must be a positive odd number (PatchCore uses 3)")
@@ -37,14 +43,15 @@ def locally_aware_features(features: Sequence[torch.Tensor], patch_size: int = 3
             feature = F.avg_pool2d(feature, patch_size, stride=1, padding=patch_size // 2)
         if feature.shape[-2:] != size:
             feature = F.interpolate(feature, size=size, mode="bilinear", align_corners=False)
-        pooled.append(feature)
-    return torch.cat(pooled, dim=1)
+        pooled.append(feature if embedding_dim is None else pool_channels(feature, embedding_dim))
+    embedding = torch.cat(pooled, dim=1)
+    return embedding if embedding_dim is None else pool_channels(embedding, embedding_dim)
 
 
-def reduce_channels(embedding: torch.Tensor, dim: int) -> torch.Tensor:
-    """Adaptive average pooling along the channel axis to ``dim`` channels (PatchCore's embedding reduction)."""
+def pool_channels(embedding: torch.Tensor, dim: int) -> torch.Tensor:
+    """Adaptive average pooling along the channel axis to exactly ``dim`` channels (fewer are repeated)."""
     batch, channels, height, width = embedding.shape
-    if dim >= channels:
+    if dim == channels:
         return embedding
     flat = embedding.permute(0, 2, 3, 1).reshape(-1, 1, channels)
     reduced = F.adaptive_avg_pool1d(flat, dim)
@@ -106,12 +113,24 @@ class PatchCoreModule(AnomalyModule):
         search: str = "faiss",
         faiss_device: str = "auto",
         faiss_index: str = "flat",
+        threshold_method: str = "f1",
+        threshold_quantile: float = 0.99,
+        threshold_value: float | None = None,
         image_size: int = 256,
         crop_size: int | None = 224,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
     ) -> None:
-        super().__init__(num_neighbors, blur_sigma, search, faiss_device, faiss_index)
+        super().__init__(
+            num_neighbors,
+            blur_sigma,
+            search,
+            faiss_device,
+            faiss_index,
+            threshold_method,
+            threshold_quantile,
+            threshold_value,
+        )
         self.save_hyperparameters()
         if len(layers) < 1:
             raise PatchAEError(
@@ -148,9 +167,9 @@ class PatchCoreModule(AnomalyModule):
                 f"input size {tuple(images.shape[-2:])} is not a multiple of the backbone's stride {self.max_stride}; "
                 f"set data.crop_size (or data.image_size) to a multiple of {self.max_stride}"
             )
-        embedding = locally_aware_features(self.backbone(images), self.hparams.patch_size)
-        if self.hparams.embedding_dim is not None:
-            embedding = reduce_channels(embedding, self.hparams.embedding_dim)
+        embedding = locally_aware_features(
+            self.backbone(images), self.hparams.patch_size, self.hparams.embedding_dim
+        )
         if self._capture_features:
             self._captured_features = embedding
         return embedding
