@@ -105,3 +105,14 @@ def create_feature_extractor(
             "backbone=efficientnet_lite0 (weights ship with pip) or backbone.weights=/path/to/weights.pth"
         ) from None
     return model
+
+
+def check_image_batch(images: torch.Tensor, stride: int) -> None:
+    """A model input must be an RGB batch whose height and width the backbone's deepest stride divides."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise PatchAEError(f"expected a batch of RGB images (B, 3, H, W), got shape {tuple(images.shape)}")
+    if images.shape[-2] % stride or images.shape[-1] % stride:
+        raise PatchAEError(
+            f"input size {tuple(images.shape[-2:])} is not a multiple of the backbone's stride {stride}; "
+            f"set data.crop_size (or data.image_size) to a multiple of {stride}"
+        )

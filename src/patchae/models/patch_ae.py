@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchae.errors import PatchAEError
-from patchae.models.backbone import create_feature_extractor
+from patchae.models.backbone import check_image_batch, create_feature_extractor
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -67,15 +67,7 @@ class PatchAE(nn.Module):
         )
 
     def check_input(self, images: torch.Tensor) -> None:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise PatchAEError(
-                f"expected a batch of RGB images (B, 3, H, W), got shape {tuple(images.shape)}"
-            )
-        if images.shape[-2] % self.max_stride or images.shape[-1] % self.max_stride:
-            raise PatchAEError(
-                f"input size {tuple(images.shape[-2:])} is not a multiple of the backbone's stride {self.max_stride}; "
-                f"set data.crop_size (or data.image_size) to a multiple of {self.max_stride}"
-            )
+        check_image_batch(images, self.max_stride)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """The representation R: (B, c3, H / stride, W / stride), one vector per image patch."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from patchae.errors import PatchAEError
 from patchae.memory import torch_nearest
-from patchae.models.backbone import create_feature_extractor
+from patchae.models.backbone import check_image_batch, create_feature_extractor
 from patchae.models.module import AnomalyModule
 
 # PatchCore has nothing to optimise; Lightning's note about it is expected, not a problem.
@@ -158,15 +158,7 @@ class PatchCoreModule(AnomalyModule):
         return self
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise PatchAEError(
-                f"expected a batch of RGB images (B, 3, H, W), got shape {tuple(images.shape)}"
-            )
-        if images.shape[-2] % self.max_stride or images.shape[-1] % self.max_stride:
-            raise PatchAEError(
-                f"input size {tuple(images.shape[-2:])} is not a multiple of the backbone's stride {self.max_stride}; "
-                f"set data.crop_size (or data.image_size) to a multiple of {self.max_stride}"
-            )
+        check_image_batch(images, self.max_stride)
         embedding = locally_aware_features(
             self.backbone(images), self.hparams.patch_size, self.hparams.embedding_dim
         )
