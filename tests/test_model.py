@@ -1,8 +1,10 @@
 import math
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from patchae.errors import PatchAEError
 from patchae.models import PatchAE, PatchAEModule, patch_ae_loss
@@ -107,6 +109,56 @@ def test_batchnorm_statistics_stay_frozen_while_training():
     before = bn.running_mean.clone()
     module.model(torch.randn(2, 3, 32, 32) * 3 + 1)
     assert torch.equal(bn.running_mean, before)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_fitting_keeps_the_pretrained_batchnorm_statistics_when_frozen(freeze):
+    """Lightning never calls train() when fitting starts: the freeze must hold in a real fit too."""
+    module = PatchAEModule("resnet18", (2, 3), pretrained=False, c3=32, freeze_batchnorm=freeze)
+    before = {name: b.clone() for name, b in module.model.backbone.named_buffers() if "running_mean" in name}
+    images = [{"image": torch.randn(3, 32, 32) * 3 + 1} for _ in range(4)]
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, DataLoader(images, batch_size=2))
+    after = dict(module.model.backbone.named_buffers())
+    unchanged = all(torch.equal(before[name], after[name]) for name in before)
+    assert unchanged == freeze
+
+
+def test_loss_compares_pixels_not_normalised_inputs():
+    """Eq. 3 is on the image: the target is the input with the backbone's normalisation undone."""
+    module = PatchAEModule(
+        "resnet18", (2, 3), pretrained=False, c3=32, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4)
+    )
+    module.train()
+    images = torch.randn(2, 3, 32, 32)
+    loss = module.training_step({"image": images}, 0)
+    _, reconstruction = module.model(images)
+    pixels = images * torch.tensor([0.2, 0.3, 0.4]).view(1, 3, 1, 1) + torch.tensor([0.4, 0.5, 0.6]).view(
+        1, 3, 1, 1
+    )
+    assert torch.allclose(
+        loss, patch_ae_loss(reconstruction, pixels, module.model.stride, module.hparams.alpha)
+    )
+    assert not torch.allclose(
+        loss, patch_ae_loss(reconstruction, images, module.model.stride, module.hparams.alpha)
+    )
+
+
+def test_every_trainable_backbone_weight_gets_a_gradient():
+    """No block runs past the deepest stage used (timm's EfficientNet features run them all): unused
+    parameters would cost time and make DDP fail."""
+    model = PatchAE("tf_efficientnet_lite0", (2, 3), pretrained=False)
+    assert len(model.backbone.blocks) == 5
+    _, reconstruction = model(torch.randn(2, 3, 64, 64))
+    reconstruction.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("search", ["faiss", "torch"])

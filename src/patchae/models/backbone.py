@@ -104,7 +104,17 @@ def create_feature_extractor(
             f"could not load pretrained weights for {name} ({type(error).__name__}: {reason}); offline, use "
             "backbone=efficientnet_lite0 (weights ship with pip) or backbone.weights=/path/to/weights.pth"
         ) from None
+    drop_unused_blocks(model)
     return model
+
+
+def drop_unused_blocks(model: nn.Module) -> None:
+    """timm's EfficientNet feature models run every block whatever ``out_indices`` asks for. Blocks after the
+    last requested stage only cost time, and their parameters never get a gradient, which DDP refuses."""
+    stage_outputs = getattr(model, "_stage_out_idx", None)  # {block number + 1: stage}
+    blocks = getattr(model, "blocks", None)
+    if stage_outputs and isinstance(blocks, nn.Sequential) and getattr(model, "feature_hooks", None) is None:
+        model.blocks = blocks[: max(stage_outputs)]
 
 
 def check_image_batch(images: torch.Tensor, stride: int) -> None:

@@ -272,18 +272,30 @@ class PatchAEModule(AnomalyModule):
 
     def train(self, mode: bool = True) -> PatchAEModule:
         super().train(mode)
-        # Small anomaly-detection batches make poor BatchNorm statistics: keep the pretrained ones.
-        if mode and (self.hparams.freeze_batchnorm or self.hparams.freeze_backbone):
+        if mode:
+            self.keep_pretrained_batchnorm()
+        return self
+
+    def keep_pretrained_batchnorm(self) -> None:
+        """Small anomaly-detection batches make poor BatchNorm statistics: keep the pretrained ones."""
+        if self.hparams.freeze_batchnorm or self.hparams.freeze_backbone:
             for module in self.model.backbone.modules():
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.eval()
-        return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning does not call train() when fitting starts, so train() alone would leave them updating.
+        self.keep_pretrained_batchnorm()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images = batch["image"]
         self.model.check_input(images)
         _, reconstruction = self.model(images)
-        loss = patch_ae_loss(reconstruction, images, self.model.stride, self.hparams.alpha)
+        # Eq. 3 compares pixels: undo the backbone's input normalisation, or the raw-pixel term would be
+        # scaled by 1 / std and shift the effective alpha from one backbone to another.
+        std = images.new_tensor(self.hparams.std).view(1, 3, 1, 1)
+        mean = images.new_tensor(self.hparams.mean).view(1, 3, 1, 1)
+        loss = patch_ae_loss(reconstruction, images * std + mean, self.model.stride, self.hparams.alpha)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
         return loss
 
