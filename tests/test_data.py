@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -464,11 +465,21 @@ def test_download_extracts_a_verified_archive(tmp_path: Path) -> None:
         "bottle/train/good/000.png"
     ]
     assert (root / "cable").is_dir() and (root / "license.txt").is_file()
-    assert sorted(p.name for p in root.iterdir()) == ["bottle", "cable", "license.txt"]  # archive removed
+    assert sorted(p.name for p in root.iterdir()) == [
+        "bottle",
+        "cable",
+        "license.txt",
+        "mvtec_anomaly_detection.tar.xz",  # kept: the next category extracts without downloading again
+    ]
+    shutil.rmtree(root / "cable")
+    archive.unlink()  # the source is gone: only the kept archive can serve
+    download_mvtec(root, "cable", url=archive.as_uri(), sha256=digest)
+    assert (root / "cable" / "train" / "good" / "000.png").is_file()
+    digest = _tar_xz(archive, members)  # the source again, for the next download
 
     only_cable = tmp_path / "only_cable"
     download_mvtec(only_cable, "cable", url=archive.as_uri(), sha256=digest.upper())
-    assert sorted(p.name for p in only_cable.iterdir()) == ["cable", "license.txt"]
+    assert sorted(p.name for p in only_cable.iterdir()) == ["cable", "license.txt", archive.name]
     assert len(mvtec_samples(only_cable, "cable", "train")) == 1
 
 
@@ -562,3 +573,9 @@ def test_lightning_advances_the_augmentation_epoch(synthetic_root: Path) -> None
     assert trainer.train_dataloader.dataset.epoch == 1
     first, second = torch.cat(model.masks[0]), torch.cat(model.masks[1])
     assert first.shape == second.shape == (8,) and (first > 0).all() and not torch.equal(first, second)
+
+
+def test_download_of_an_unknown_category_fails_before_downloading(tmp_path: Path) -> None:
+    datamodule = MVTecDataModule(tmp_path, "botle", download=True)
+    with pytest.raises(PatchAEError, match="category=botle is not an MVTec AD category"):
+        datamodule.prepare_data()

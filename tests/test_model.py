@@ -131,26 +131,6 @@ def test_fitting_keeps_the_pretrained_batchnorm_statistics_when_frozen(freeze):
     assert unchanged == freeze
 
 
-def test_loss_compares_pixels_not_normalised_inputs():
-    """Eq. 3 is on the image: the target is the input with the backbone's normalisation undone."""
-    module = PatchAEModule(
-        "resnet18", (2, 3), pretrained=False, c3=32, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4)
-    )
-    module.train()
-    images = torch.randn(2, 3, 32, 32)
-    loss = module.training_step({"image": images}, 0)
-    _, reconstruction = module.model(images)
-    pixels = images * torch.tensor([0.2, 0.3, 0.4]).view(1, 3, 1, 1) + torch.tensor([0.4, 0.5, 0.6]).view(
-        1, 3, 1, 1
-    )
-    assert torch.allclose(
-        loss, patch_ae_loss(reconstruction, pixels, module.model.stride, module.hparams.alpha)
-    )
-    assert not torch.allclose(
-        loss, patch_ae_loss(reconstruction, images, module.model.stride, module.hparams.alpha)
-    )
-
-
 def test_every_trainable_backbone_weight_gets_a_gradient():
     """No block runs past the deepest stage used (timm's EfficientNet features run them all): unused
     parameters would cost time and make DDP fail."""

@@ -87,6 +87,7 @@ def run_train(*args, cwd=REPO):
         (["category=no_such_category"], "no_such_category"),
         (["data=folder"], "data.normal_dir is required"),
         (["optimized_metric=image_aucroc"], "optimized_metric=image_aucroc is unknown"),
+        (["seed=-1"], "seed=-1 must be an integer"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, overrides, expected):

@@ -76,6 +76,8 @@ def print_results(results: dict[str, Any]) -> None:
 
 
 def fit_and_test(cfg: DictConfig) -> dict[str, Any]:
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
+        raise PatchAEError(f"seed={cfg.seed} must be an integer in [0, 2^32)")
     L.seed_everything(cfg.seed, workers=True)
     try:
         datamodule, model, trainer = build(cfg)
@@ -98,6 +100,12 @@ def fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(model, datamodule=datamodule)
+    if trainer.world_size > 1:
+        log.warning(
+            "testing on %d devices: each scores its share of the test split and the metrics are not gathered, "
+            "so results.json holds this device's share; score the whole split with predict.py on one device",
+            trainer.world_size,
+        )
     trainer.test(model, datamodule=datamodule, verbose=False)
     # Saved after testing so that what the test learns (thresholds) travels with the model.
     trainer.save_checkpoint(output_dir / "model.ckpt")

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from patchae.data.cutpaste import CutPaste
 from patchae.data.download import download_mvtec
 from patchae.data.images import load_mask, load_rgb
-from patchae.data.samples import Sample, check_split, folder_samples, mvtec_samples
+from patchae.data.samples import MVTEC_CATEGORIES, Sample, check_split, folder_samples, mvtec_samples
 from patchae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from patchae.errors import PatchAEError
 
@@ -211,6 +211,7 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
             self.batch_size,
             sampler=EpochShuffleSampler(dataset, self.seed),
             drop_last=len(dataset) > self.batch_size,
+            persistent_workers=self.num_workers > 0,  # read every epoch; the other loaders are read once
         )
 
     def bank_dataloader(self) -> DataLoader:
@@ -287,7 +288,6 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             **kwargs,
         )
@@ -312,6 +312,11 @@ class MVTecDataModule(AnomalyDataModule):
 
     def prepare_data(self) -> None:
         if self.download and not (self.root / self.category).is_dir():
+            if self.category not in MVTEC_CATEGORIES:  # before a 5 GB download, not after it
+                raise PatchAEError(
+                    f"category={self.category} is not an MVTec AD category, so data.download cannot fetch it; "
+                    f"use one of {', '.join(MVTEC_CATEGORIES)}"
+                )
             download_mvtec(self.root, self.category)
 
     def samples(self, split: str) -> list[Sample]:

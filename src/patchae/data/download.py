@@ -8,6 +8,7 @@ moved into place, and deleted.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import lzma
 import os
@@ -48,7 +49,8 @@ def download_mvtec(
 ) -> None:
     """Download MVTec AD into ``root`` (``root/<category>/...``), verifying ``sha256`` (None skips the check).
 
-    With ``category`` only that category (and the licence files) is extracted; the archive is the same.
+    With ``category`` only that category (and the licence files) is extracted. The verified archive stays in
+    ``root``, so the other categories extract from it without downloading 5 GB again; delete it when done.
     Categories already present in ``root`` are left untouched.
     """
     root = Path(root).expanduser()
@@ -59,11 +61,10 @@ def download_mvtec(
             f"cannot create the MVTec AD root {root} ({error.strerror}); set data.root"
         ) from error
     archive = root / (PurePosixPath(urlparse(url).path).name or "mvtec_anomaly_detection.tar.xz")
-    if not (archive.is_file() and sha256 is not None and _sha256_of(archive) == sha256.lower()):
+    if not (archive.is_file() and (sha256 is None or _sha256_of(archive) == sha256.lower())):
         _fetch(url, archive, sha256)
     safe_extract(archive, root, only=None if category is None else category)
-    archive.unlink()
-    logger.info("MVTec AD ready in %s", root)
+    logger.info("MVTec AD ready in %s (archive kept for the other categories: %s)", root, archive)
 
 
 def _fetch(url: str, destination: Path, sha256: str | None) -> None:
@@ -74,7 +75,7 @@ def _fetch(url: str, destination: Path, sha256: str | None) -> None:
         with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response, partial.open("wb") as sink:
             total = int(response.headers.get("Content-Length") or 0)
             _stream(response, sink, digest, total)
-    except (urllib.error.URLError, OSError, ValueError) as error:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
         partial.unlink(missing_ok=True)
         reason = getattr(error, "reason", None) or error
         raise PatchAEError(

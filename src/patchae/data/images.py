@@ -43,12 +43,14 @@ def load_rgb(path: str | Path) -> Image.Image:
 
 
 def load_mask(path: str | Path) -> Image.Image:
-    """Read a ground-truth mask as a binary mode ``L`` image: any non-zero pixel becomes 255."""
+    """Read a ground-truth mask as a binary mode ``L`` image: pixels above half the mask's largest value become
+    255, so 0/255 and 0/1 masks read exactly and a JPEG mask's compression noise around a defect stays
+    background."""
     image = _drop_alpha(_open_decoded(path))
     if image.mode not in ("1", "L", "RGB", "F") and image.mode not in _SIXTEEN_BIT_MODES:
         image = image.convert("RGB")  # palette, CMYK, YCbCr, ...: compare real colours, not indices
     values = np.asarray(image)
-    foreground = values > 0
+    foreground = values > values.max() / 2 if values.size and values.max() > 0 else values > 0
     if foreground.ndim == 3:
         foreground = foreground.any(axis=2)
     return Image.fromarray(np.where(foreground, 255, 0).astype(np.uint8), mode="L")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from patchae.data.images import IMAGE_EXTENSIONS, is_image_file
-from patchae.errors import PatchAEError
+from patchae.errors import PatchAEError, finite_number
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +162,8 @@ def folder_samples(
     no pixel labels. With neither ``abnormal_dir`` nor ``normal_test_dir`` the test split is empty.
     """
     check_split(split)
-    if not 0.0 <= float(test_split_ratio) < 1.0:
-        raise PatchAEError(f"test_split_ratio must be in [0, 1), got {test_split_ratio}")
+    if not 0.0 <= finite_number("data.test_split_ratio", test_split_ratio) < 1.0:
+        raise PatchAEError(f"data.test_split_ratio must be in [0, 1), got {test_split_ratio}")
     normals = _folder_images(normal_dir, "normal_dir")
     abnormals = _folder_images(abnormal_dir, "abnormal_dir") if abnormal_dir is not None else []
     normal_tests = _folder_images(normal_test_dir, "normal_test_dir") if normal_test_dir is not None else []
