@@ -245,6 +245,10 @@ def test_mvtec_errors_are_one_clear_line(tmp_path: Path, synthetic_root: Path) -
     with pytest.raises(PatchAEError, match=r"no training images in .*train/good"):
         mvtec_samples(tmp_path, "custom", "train")
     _save(_noise(), custom / "test" / "crack" / "007.png")
+    # Without ground_truth/ the data is image-level: no masks, pixel metrics n/a, not an error.
+    (sample,) = mvtec_samples(tmp_path, "custom", "test")
+    assert sample.label == 1 and sample.mask_path is None and not sample.has_pixel_labels
+    (custom / "ground_truth" / "crack").mkdir(parents=True)  # with it, a missing mask is a mistake
     with pytest.raises(
         PatchAEError, match=r"defect image .*crack/007\.png has no mask: expected .*007_mask\.png"
     ):

@@ -119,6 +119,10 @@ def _mvtec_test(category_dir: Path) -> list[Sample]:
                 samples.append(Sample(path, 1, _mvtec_mask(category_dir, defect, path), defect))
     if not samples:
         raise PatchAEError(f"no test images in {test_dir}/<defect>/; add test images or check the path")
+    if not (category_dir / "ground_truth").is_dir():
+        logger.warning(
+            "%s has no ground_truth/ folder: image-level data, so pixel AUROC and AUPRO are n/a", category_dir
+        )
     n_good = sum(s.label == 0 for s in samples)
     if n_good in (0, len(samples)):
         kind = "no good" if n_good == 0 else "only good"
@@ -126,7 +130,10 @@ def _mvtec_test(category_dir: Path) -> list[Sample]:
     return samples
 
 
-def _mvtec_mask(category_dir: Path, defect: str, image_path: Path) -> Path:
+def _mvtec_mask(category_dir: Path, defect: str, image_path: Path) -> Path | None:
+    """The mask of a defect image; None for image-level data (a category without ``ground_truth/``)."""
+    if not (category_dir / "ground_truth").is_dir():
+        return None
     mask_dir = category_dir / "ground_truth" / defect
     expected = mask_dir / f"{image_path.stem}_mask.png"
     if expected.is_file():
