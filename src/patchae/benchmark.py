@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -29,50 +30,45 @@ import yaml
 
 from patchae.errors import PatchAEError
 
-# Published image-level AUROC (%) per MVTec AD category, in MVTec order.
-#
-# Patch AE: Cui, Liu, Lian, "Patch-wise Auto-Encoder for Visual Anomaly Detection", ICIP 2023, arXiv:2308.00429,
-# Table 1. Only its mean, 99.48 (single model), could be confirmed from the sources available when this was
-# written; the per-category values are left as None (shown as n/a) rather than guessed. Fill them in from the
-# paper's Table 1 when you have it.
+# Published image-level AUROC (%) per MVTec AD category, in MVTec order: Table 1 of Cui, Liu, Lian,
+# "Patch-wise Auto-Encoder for Visual Anomaly Detection", ICIP 2023, arXiv:2308.00429 (its "Patch AE" and
+# "Patchcore-single" columns; the latter quotes Roth et al., CVPR 2022). Means as the paper prints them.
 PAPER_PATCH_AE: dict[str, float | None] = {
-    "bottle": None,
-    "cable": None,
-    "capsule": None,
-    "carpet": None,
-    "grid": None,
-    "hazelnut": None,
-    "leather": None,
-    "metal_nut": None,
-    "pill": None,
-    "screw": None,
-    "tile": None,
-    "toothbrush": None,
-    "transistor": None,
-    "wood": None,
-    "zipper": None,
-}
-PAPER_PATCH_AE_MEAN = 99.48
-# PatchCore, single model: Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022,
-# arXiv:2106.08265 (v1), per-class image AUROC of PatchCore-1% (WRN-50, layers 2+3, 1% coreset), mean 99.0.
-# Whether the Patch AE paper's Table 1 quotes this or the 10%/25% variant (means 99.0/99.1) was not verified.
-PAPER_PATCHCORE: dict[str, float | None] = {
     "bottle": 100.0,
-    "cable": 99.3,
-    "capsule": 98.0,
-    "carpet": 98.0,
-    "grid": 98.6,
+    "cable": 99.56,
+    "capsule": 99.1,
+    "carpet": 99.87,
+    "grid": 99.0,
     "hazelnut": 100.0,
     "leather": 100.0,
-    "metal_nut": 99.7,
-    "pill": 97.0,
-    "screw": 96.4,
-    "tile": 99.4,
+    "metal_nut": 99.8,
+    "pill": 98.2,
+    "screw": 97.7,
+    "tile": 100.0,
     "toothbrush": 100.0,
-    "transistor": 99.9,
-    "wood": 99.2,
-    "zipper": 99.2,
+    "transistor": 99.65,
+    "wood": 99.69,
+    "zipper": 99.7,
 }
+PAPER_PATCH_AE_MEAN = 99.48
+PAPER_PATCHCORE: dict[str, float | None] = {
+    "bottle": 100.0,
+    "cable": 99.6,
+    "capsule": 98.2,
+    "carpet": 98.4,
+    "grid": 99.8,
+    "hazelnut": 100.0,
+    "leather": 100.0,
+    "metal_nut": 100.0,
+    "pill": 97.2,
+    "screw": 98.9,
+    "tile": 98.9,
+    "toothbrush": 100.0,
+    "transistor": 100.0,
+    "wood": 99.5,
+    "zipper": 99.9,
+}
+PAPER_PATCHCORE_MEAN = 99.36
 CATEGORY_ORDER = tuple(PAPER_PATCHCORE)
 
 # (results.json key, column header, kind): kind "quality" is shown in %, others as they are.
@@ -88,7 +84,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (
 PAPER_COLUMNS = (("paper_patch_ae", "paper Patch AE %"), ("paper_patchcore", "paper PatchCore %"))
 MODEL_NAMES = {"PatchAEModule": "Patch AE", "PatchCoreModule": "PatchCore"}
 # Overrides that never name a method: they are the table's rows, or the method's own name.
-NOT_A_VARIANT = ("category", "model")
+NOT_A_VARIANT = ("category", "model", "seed")
 MEAN = "mean"
 RESULT_FILES = ("benchmark.md", "benchmark.csv", "benchmark.png")
 
@@ -117,6 +113,7 @@ class Row:
     method: str
     metrics: dict[str, float]
     runs: list[Path] = field(default_factory=list)
+    std: dict[str, float] = field(default_factory=dict)  # over repeated runs (seeds); empty for one run
 
     @property
     def paper(self) -> dict[str, float | None]:
@@ -169,7 +166,7 @@ def method_names(runs: Sequence[Run]) -> list[str]:
         settings = [dict(run.overrides) for run in runs]
     else:
         settings = [
-            {key: str(run.results.get(key)) for key in ("backbone", "layers", "alpha", "experiment", "seed")}
+            {key: str(run.results.get(key)) for key in ("backbone", "layers", "alpha", "experiment")}
             for run in runs
         ]
     keys = sorted({key for setting in settings for key in setting} - set(NOT_A_VARIANT))
@@ -181,9 +178,22 @@ def method_names(runs: Sequence[Run]) -> list[str]:
     return names
 
 
-def mean(values: Iterable[float]) -> float:
-    finite = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+def finite_values(values: Iterable[float | None]) -> list[float]:
+    return [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+
+
+def mean(values: Iterable[float | None]) -> float:
+    finite = finite_values(values)
     return sum(finite) / len(finite) if finite else math.nan
+
+
+def std(values: Iterable[float | None]) -> float:
+    """Sample standard deviation (n - 1) of the finite values; nan for fewer than two."""
+    finite = finite_values(values)
+    if len(finite) < 2:
+        return math.nan
+    centre = sum(finite) / len(finite)
+    return math.sqrt(sum((v - centre) ** 2 for v in finite) / (len(finite) - 1))
 
 
 def category_key(category: str) -> tuple[int, str]:
@@ -203,10 +213,10 @@ def build_rows(runs: Sequence[Run]) -> list[Row]:
     for (category, method), members in sorted(
         groups.items(), key=lambda g: (category_key(g[0][0]), methods.index(g[0][1]))
     ):
-        metrics = {
-            key: mean(float(run.results.get(key, math.nan)) for run in members) for key, _, _ in METRICS
-        }
-        rows.append(Row(category, method, metrics, [run.run_dir for run in members]))
+        values = {key: [float(run.results.get(key, math.nan)) for run in members] for key, _, _ in METRICS}
+        metrics = {key: mean(column) for key, column in values.items()}
+        spread = {key: std(column) for key, column in values.items()} if len(members) > 1 else {}
+        rows.append(Row(category, method, metrics, [run.run_dir for run in members], spread))
     if len({category for category, _ in groups}) < 2:
         return rows
     shared = shared_categories(rows)
@@ -235,13 +245,15 @@ def shared_categories(rows: Sequence[Row]) -> set[str]:
 
 
 def mean_paper(rows: Sequence[Row]) -> dict[str, float | None]:
-    """Paper means over the categories of the mean rows (Patch AE's only over all 15)."""
+    """Paper means over the categories of the mean rows (the printed means over all 15)."""
     categories = shared_categories(rows)
-    patchcore = [PAPER_PATCHCORE.get(category) for category in categories]
-    return {
-        "paper_patch_ae": PAPER_PATCH_AE_MEAN if categories == set(CATEGORY_ORDER) else None,
-        "paper_patchcore": sum(patchcore) / len(patchcore) if patchcore and None not in patchcore else None,
+    if categories == set(CATEGORY_ORDER):
+        return {"paper_patch_ae": PAPER_PATCH_AE_MEAN, "paper_patchcore": PAPER_PATCHCORE_MEAN}
+    means = {
+        key: mean(table.get(category) for category in categories)
+        for key, table in (("paper_patch_ae", PAPER_PATCH_AE), ("paper_patchcore", PAPER_PATCHCORE))
     }
+    return {key: None if math.isnan(value) else value for key, value in means.items()}
 
 
 def paper_columns(rows: Sequence[Row], row: Row) -> dict[str, float | None]:
@@ -263,6 +275,15 @@ def format_value(value: float | None, kind: str) -> str:
     return f"{value:.1f}"
 
 
+def format_cell(row: Row, key: str, kind: str) -> str:
+    """The mean, with ``± std`` over the repeated runs (seeds) of a quality metric."""
+    text = format_value(row.metrics[key], kind)
+    spread = row.std.get(key, math.nan)
+    if kind == "quality" and not math.isnan(spread):
+        text += f" ± {100 * spread:.2f}"
+    return text
+
+
 def table_cells(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
     header = [
         "category",
@@ -277,7 +298,7 @@ def table_cells(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
             [
                 row.category,
                 row.method,
-                *(format_value(row.metrics[key], kind) for key, _, kind in METRICS),
+                *(format_cell(row, key, kind) for key, _, kind in METRICS),
                 *(format_value(paper[key], "paper") for key, _ in PAPER_COLUMNS),
             ]
         )
@@ -299,10 +320,9 @@ def write_markdown(rows: Sequence[Row], path: Path, sources: Sequence[Path]) -> 
         "(data loading included); peak MB is the GPU's peak allocation, or the process's peak resident memory "
         "on CPU (jobs of one in-process multirun share a process, so later jobs report at least earlier peaks).",
         "",
-        f"Paper columns, image AUROC: Patch AE from Cui et al. (arXiv:2308.00429, Table 1; per-category values "
-        f"not available here, n/a; mean {PAPER_PATCH_AE_MEAN}), PatchCore-1% from Roth et al. (CVPR 2022, "
-        "arXiv:2106.08265). They used Wide-ResNet backbones and full training: compare them with runs in that "
-        "setting (experiment=paper).",
+        "Paper columns, image AUROC: Patch AE and PatchCore-single as in Table 1 of Cui et al. "
+        "(arXiv:2308.00429). They used Wide-ResNet backbones and full training: compare them with runs in that "
+        "setting (experiment=paper). With several seeds a cell is mean ± std over the seeds.",
         "",
     ]
     path.write_text("\n".join(lines))
@@ -314,6 +334,7 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
         "method",
         "runs",
         *(key for key, _, _ in METRICS),
+        *(f"{key}_std" for key, _, _ in METRICS),
         "paper_patch_ae_image_auroc",
         "paper_patchcore_image_auroc",
         "run_dirs",
@@ -329,6 +350,7 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
                     "method": row.method,
                     "runs": len(row.runs),
                     **row.metrics,
+                    **{f"{key}_std": row.std.get(key, "") for key, _, _ in METRICS},
                     "paper_patch_ae_image_auroc": ""
                     if paper["paper_patch_ae"] is None
                     else paper["paper_patch_ae"] / 100,
@@ -457,29 +479,70 @@ def job_commands(
     overrides: Sequence[str],
     out: Path,
     python: str = sys.executable,
+    seeds: int = 1,
+    sweep: str | None = None,
 ) -> list[tuple[str, Path, list[str]]]:
-    """(name, run dir, command) of every job: one process per (model, category), so each reports its own
-    time and peak memory and a failure stays in its job."""
+    """(name, run dir, command) of every job: one process per (model, category, seed), so each reports its
+    own time and peak memory and a failure stays in its job. With ``seeds`` > 1 the jobs use seeds 0, 1, ...
+    (model initialisation, CutPaste draws, held-out split, coreset projection) and the table averages them.
+    ``sweep`` (``key=a,b,c``; ``group=all`` for every option of a conf/ group) multiplies the jobs by its values."""
     root = project_root()
     known = sorted(path.stem for path in (root / "conf" / "model").glob("*.yaml"))
     for model in models:
         if model not in known:
             raise PatchAEError(f"--models: unknown model '{model}'; choose from {', '.join(known)}")
     jobs = []
-    for model in models:
-        for category in categories:
-            run_dir = out.resolve() / model / category
-            command = [
-                python,
-                str(root / "train.py"),
-                f"model={model}",
-                f"category={category}",
-                *overrides,
-                f"hydra.run.dir={run_dir}",
-                "hydra.mode=RUN",  # one job each, even with a sweep experiment among the overrides
-            ]
-            jobs.append((f"{model}/{category}", run_dir, command))
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise PatchAEError(f"--seeds {seeds!r} must be a positive integer")
+    variants = sweep_values(sweep, root)
+    for model, category, variant, seed in itertools.product(models, categories, variants, range(seeds)):
+        extra = ([variant] if variant else []) + ([f"seed={seed}"] if seeds > 1 else [])
+        parts = [model, category, *(part.replace("=", "_") for part in extra)]
+        run_dir = out.resolve().joinpath(*parts)
+        jobs.append(
+            (
+                "/".join(parts),
+                run_dir,
+                train_command(python, root, model, category, overrides, extra, run_dir),
+            )
+        )
     return jobs
+
+
+def sweep_values(sweep: str | None, root: Path) -> list[str | None]:
+    """``key=a,b`` -> [``key=a``, ``key=b``]; ``group=all`` -> every option of ``conf/group/``; None -> [None]."""
+    if sweep is None:
+        return [None]
+    key, _, values = sweep.partition("=")
+    if not key or not values:
+        raise PatchAEError(f"--sweep {sweep!r} must look like key=a,b,c (or group=all)")
+    if values == "all":
+        options = sorted(path.stem for path in (root / "conf" / key).glob("*.yaml"))
+        if not options:
+            raise PatchAEError(f"--sweep {sweep}: conf/{key}/ has no options")
+        return [f"{key}={option}" for option in options]
+    return [f"{key}={value.strip()}" for value in values.split(",") if value.strip()]
+
+
+def train_command(
+    python: str,
+    root: Path,
+    model: str,
+    category: str,
+    overrides: Sequence[str],
+    extra: Sequence[str],
+    run_dir: Path,
+) -> list[str]:
+    return [
+        python,
+        str(root / "train.py"),
+        f"model={model}",
+        f"category={category}",
+        *overrides,
+        *extra,
+        f"hydra.run.dir={run_dir}",
+        "hydra.mode=RUN",  # one job each, even with a sweep experiment among the overrides
+    ]
 
 
 def check_overrides(models: Sequence[str], overrides: Sequence[str]) -> None:
@@ -499,36 +562,43 @@ def check_overrides(models: Sequence[str], overrides: Sequence[str]) -> None:
                 raise PatchAEError(f"the overrides do not compose with model={model}: {reason}") from None
 
 
-def run_jobs(jobs: Sequence[tuple[str, Path, list[str]]]) -> list[str]:
-    """Runs the jobs one after the other with an overall progress bar; returns the names of failed jobs."""
+def run_job(name: str, run_dir: Path, command: list[str]) -> tuple[int, float]:
+    """One job in its own process, its output in ``run_dir/console.log``; (exit code, seconds)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").unlink(missing_ok=True)  # a job that fails now must not show old results
+    start = time.perf_counter()
+    with (run_dir / "console.log").open("w") as console:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        code = subprocess.run(
+            command, stdout=console, stderr=subprocess.STDOUT, env=env, check=False
+        ).returncode
+    return code, time.perf_counter() - start
+
+
+def failure_reason(run_dir: Path) -> str:
+    lines = (run_dir / "console.log").read_text(errors="replace").splitlines()
+    return next(
+        (line for line in reversed(lines) if line.startswith("error:")), lines[-1] if lines else ""
+    ).strip()
+
+
+def run_jobs(jobs: Sequence[tuple[str, Path, list[str]]], parallel: int = 1) -> list[str]:
+    """Runs the jobs, ``parallel`` at a time (one after the other by default, so timings are not shared),
+    with an overall progress bar; returns the names of failed jobs."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from patchae.callbacks import progress_bar
 
     failed = []
-    with progress_bar() as progress:
-        task = progress.add_task("benchmark", total=len(jobs))
-        for name, run_dir, command in jobs:
-            progress.update(task, description=f"benchmark: {name}")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "results.json").unlink(
-                missing_ok=True
-            )  # a job that fails now must not show old results
-            start = time.perf_counter()
-            with (run_dir / "console.log").open("w") as console:
-                env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-                code = subprocess.run(
-                    command, stdout=console, stderr=subprocess.STDOUT, env=env, check=False
-                ).returncode
-            elapsed = time.perf_counter() - start
+    with progress_bar() as progress, ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        task = progress.add_task(f"benchmark: {len(jobs)} jobs", total=len(jobs))
+        futures = {pool.submit(run_job, *job): job for job in jobs}
+        for future, (name, run_dir, _) in futures.items():
+            code, elapsed = future.result()
             if code != 0:
                 failed.append(name)
-                lines = (run_dir / "console.log").read_text(errors="replace").splitlines()
-                reason = next(
-                    (line for line in reversed(lines) if line.startswith("error:")),
-                    lines[-1] if lines else "",
-                )
-                progress.console.print(
-                    f"[red]{name} failed[/red] ({reason.strip()}); log: {run_dir / 'console.log'}"
-                )
+                reason = failure_reason(run_dir)
+                progress.console.print(f"[red]{name} failed[/red] ({reason}); log: {run_dir / 'console.log'}")
             else:
                 progress.console.print(f"{name} done in {elapsed:.0f} s")
             progress.advance(task)
@@ -541,14 +611,17 @@ def run(
     overrides: Sequence[str],
     out: Path,
     dry_run: bool = False,
+    seeds: int = 1,
+    parallel: int = 1,
+    sweep: str | None = None,
 ) -> list[Row]:
-    jobs = job_commands(categories, models, overrides, out)
+    jobs = job_commands(categories, models, overrides, out, seeds=seeds, sweep=sweep)
     check_overrides(models, overrides)
     if dry_run:
         for _, _, command in jobs:
             print(" ".join(command))
         return []
-    failed = run_jobs(jobs)
+    failed = run_jobs(jobs, parallel)
     if len(failed) == len(jobs):
         raise PatchAEError(f"every job failed; see the console.log files under {out}")
     rows = collect([out])
@@ -572,6 +645,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run_parser.add_argument("--models", default="patch_ae,patchcore", help="comma-separated conf/model names")
     run_parser.add_argument("--out", type=Path, default=None, help="default: multirun/benchmark_<time>")
+    run_parser.add_argument("--seeds", type=int, default=1, help="runs per cell (seeds 0..N-1): mean ± std")
+    run_parser.add_argument(
+        "--jobs", type=int, default=1, help="jobs at a time (a GPU machine: several; timings then share it)"
+    )
+    run_parser.add_argument(
+        "--sweep", default=None, help="one more axis of jobs: key=a,b,c, or group=all (e.g. ablation=all)"
+    )
     run_parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     run_parser.add_argument(
         "overrides", nargs="*", help="Hydra overrides for every job, e.g. data.root=... backbone=..."
@@ -593,6 +673,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.overrides,
                 out,
                 args.dry_run,
+                args.seeds,
+                args.jobs,
+                args.sweep,
             )
         else:
             collect(args.directories or [latest_multirun()], args.out)
