@@ -90,7 +90,7 @@ def test_training_step_reduces_loss():
     module = PatchAEModule("resnet18", (2, 3), pretrained=False, c3=32, lr=1e-3)
     smooth = F.interpolate(torch.randn(4, 3, 4, 4), size=(32, 32), mode="bilinear", align_corners=False)
     batch = {"image": smooth}
-    optimizer = module.configure_optimizers()
+    optimizer = module.configure_optimizers()["optimizer"]
     module.train()
     losses = []
     for _ in range(30):
@@ -166,3 +166,57 @@ def test_unknown_backbone_and_missing_weights_are_clear_errors(tmp_path):
         PatchAE("not_a_model", (2, 3))
     with pytest.raises(PatchAEError, match="not found"):
         PatchAE("resnet18", (2, 3), weights=str(tmp_path / "missing.pth"))
+
+
+def test_aggregated_features_average_each_stage_over_3x3_before_the_compression():
+    model = PatchAE("resnet18", (2, 3), pretrained=False, c3=16, aggregate="features").eval()
+    plain = PatchAE("resnet18", (2, 3), pretrained=False, c3=16).eval()
+    plain.load_state_dict(model.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.backbone(images)
+        pooled = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in features]
+        assert torch.allclose(model.encode(images), plain.compress_features(pooled), atol=1e-6)
+    with pytest.raises(PatchAEError, match="model.aggregate"):
+        PatchAE("resnet18", (2, 3), pretrained=False, aggregate="mean")
+
+
+def test_bank_of_representation_and_pretrained_features():
+    """R beside PatchCore's features of a frozen pretrained copy, each block scaled to unit mean norm on the
+    training vectors; fine-tuning never moves the copy."""
+    torch.manual_seed(0)
+    module = PatchAEModule(
+        "resnet18", (2, 3), pretrained=False, c3=16, search="torch", bank_features="representation+pretrained"
+    )
+    images = torch.randn(3, 3, 64, 64)
+    module.eval()
+    with torch.no_grad():
+        assert module.embed(images).shape == (3, 16 + 128 + 256, 8, 8)
+        vectors = module.calibrate_embedding(module.embed_patches(images[:2]))
+        for block in (vectors[:, :16], vectors[:, 16:]):
+            assert block.norm(dim=1).mean().item() == pytest.approx(1.0, rel=1e-4)
+        assert torch.allclose(module.embed_patches(images[:2]), vectors, atol=1e-5)  # queries scaled alike
+    copy_before = {k: v.clone() for k, v in module.pretrained_backbone.state_dict().items()}
+    optimizer = module.configure_optimizers()["optimizer"]
+    module.train()
+    module.training_step({"image": images}, 0).backward()
+    optimizer.step()
+    assert not module.pretrained_backbone.training
+    assert all(torch.equal(v, module.pretrained_backbone.state_dict()[k]) for k, v in copy_before.items())
+    assert not torch.equal(module.model.backbone.conv1.weight, module.pretrained_backbone.conv1.weight)
+
+
+def test_warmup_holds_the_backbone_still_while_the_head_learns():
+    torch.manual_seed(0)
+    module = PatchAEModule("resnet18", (2, 3), pretrained=False, c3=16, lr=1e-2, warmup_epochs=1)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    backbone_before = module.model.backbone.conv1.weight.clone()
+    head_before = module.model.decoder[0].weight.clone()
+    module.train()
+    module.training_step({"image": torch.randn(2, 3, 32, 32)}, 0).backward()
+    optimizer.step()
+    assert torch.equal(module.model.backbone.conv1.weight, backbone_before)
+    assert not torch.equal(module.model.decoder[0].weight, head_before)
+    scheduler.step()  # epoch 1: the backbone learns at its own rate
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-2, 1e-2]

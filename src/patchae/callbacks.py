@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -22,6 +23,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from patchae.errors import PatchAEError
 from patchae.memory import greedy_coreset
 from patchae.visualize import denormalize, save_overlay
 
@@ -63,7 +65,7 @@ class MemoryBankCallback(L.Callback):
     def build(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         was_training = pl_module.training
         pl_module.eval()
-        vectors = self.embed_training_images(trainer, pl_module)
+        vectors = pl_module.calibrate_embedding(self.embed_training_images(trainer, pl_module))
         with progress_bar() as progress:
             task = progress.add_task(f"memory bank: coreset of {len(vectors)} patches", total=None)
 
@@ -83,6 +85,68 @@ class MemoryBankCallback(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.build(trainer, pl_module)
+
+
+class BestEpochCallback(L.Callback):
+    """Keeps the weights of the best label-free validation (``monitor``, higher is better) and restores them
+    when fit ends, before the memory bank is built from them. Epoch 0 is the model before any training
+    (``trainer.validate`` before fit, see :func:`patchae.train.fit_and_test`), so a category where training
+    hurts keeps the untrained encoder. With ``patience``, training stops after that many validations
+    without improvement. The copy lives in memory (CPU): nothing is written to disk. With ``select=False``
+    the last weights stay (a fixed training length) and their validation is what gets reported."""
+
+    def __init__(
+        self, monitor: str = "val/image_auroc", patience: int | None = None, select: bool = True
+    ) -> None:
+        self.monitor = monitor
+        self.patience = patience
+        self.select = select
+        self.last_epoch: int | None = None
+        self.last_results: dict[str, float] = {}
+        self.best_score = -math.inf
+        self.best_epoch: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_results: dict[str, float] = {}
+        self.validations_since_best = 0
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise PatchAEError(
+                f"validation.monitor={self.monitor} is not a logged metric; use one of "
+                f"{', '.join(sorted(k for k in trainer.callback_metrics if k.startswith('val/')))}"
+            )
+        score = float(value)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        epoch = trainer.current_epoch + 1 if fitting else 0  # during fit it runs after the epoch
+        self.last_epoch, self.last_results = epoch, dict(getattr(pl_module, "latest_val_results", {}))
+        log.info("validation after %d epoch(s): %s = %.4f", epoch, self.monitor, score)
+        if not self.select:
+            return
+        if score > self.best_score or self.best_state is None:  # ties keep the less trained weights
+            self.best_score, self.best_epoch = score, epoch
+            self.best_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+            self.best_results = self.last_results
+            self.validations_since_best = 0
+        else:
+            self.validations_since_best += 1
+        if fitting and self.patience is not None and self.validations_since_best >= self.patience:
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.select and self.last_epoch is not None:
+            pl_module.selected_epoch, pl_module.val_results = self.last_epoch, self.last_results
+            return
+        if self.best_state is None:
+            return
+        pl_module.load_state_dict(self.best_state)
+        pl_module.selected_epoch = self.best_epoch
+        pl_module.val_results = self.best_results
+        log.info(
+            "kept the weights after %d epoch(s): %s = %.4f", self.best_epoch, self.monitor, self.best_score
+        )
 
 
 def peak_memory_mb() -> float:
@@ -156,6 +220,7 @@ class ResultsWriter(L.Callback):
         results = {
             **self.metadata,
             **pl_module.test_results,
+            **pl_module.validation_summary(),
             **self.timings,
             "bank_size": int(pl_module.memory_bank.shape[0]),
             "test_images": len(self.rows),

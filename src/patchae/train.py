@@ -47,11 +47,21 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     callbacks = [instantiate(node, _convert_="all") for node in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(node, _convert_="all") for node in (cfg.get("logger") or {}).values()]
     # A model with nothing to train (PatchCore) skips the fit loop; on_fit_end still builds its memory bank.
-    no_training = {} if getattr(model, "requires_training", True) else {"limit_train_batches": 0}
+    limits = {} if getattr(model, "requires_training", True) else {"limit_train_batches": 0}
+    if not validates(cfg, model, datamodule):
+        limits["limit_val_batches"] = 0
     trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, **no_training, _convert_="all"
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **limits, _convert_="all"
     )
     return datamodule, model, trainer
+
+
+def validates(cfg: DictConfig, model: L.LightningModule, datamodule: L.LightningDataModule) -> bool:
+    """Whether the fit runs label-free validation: a model that trains, held-out images, and not switched off."""
+    enabled = bool(cfg.get("validation", {}).get("enabled", False))
+    return (
+        enabled and getattr(model, "requires_training", True) and getattr(datamodule, "has_validation", False)
+    )
 
 
 def run_metadata(cfg: DictConfig, model: L.LightningModule) -> dict[str, Any]:
@@ -99,6 +109,8 @@ def fit_and_test(cfg: DictConfig) -> dict[str, Any]:
             callback.metadata.update(metadata)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if validates(cfg, model, datamodule) and cfg.validation.before_training:
+        trainer.validate(model, datamodule=datamodule, verbose=False)  # epoch 0: the untrained encoder
     trainer.fit(model, datamodule=datamodule)
     if trainer.world_size > 1:
         log.warning(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from abc import ABC, abstractmethod
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from patchae.data.cutpaste import CutPaste
 from patchae.data.download import download_mvtec
 from patchae.data.images import load_mask, load_rgb
+from patchae.data.perlin import PerlinBlend
 from patchae.data.samples import MVTEC_CATEGORIES, Sample, check_split, folder_samples, mvtec_samples
 from patchae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from patchae.errors import PatchAEError
@@ -100,6 +102,61 @@ def check_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int], sam
     )
 
 
+class SyntheticDefectDataset(Dataset):
+    """Label-free validation images: each normal image clean, then with ``defects_per_image`` synthetic
+    defects, alternately CutPaste (the kind training sees) and a Perlin-shaped blend of another of these
+    images (a kind it never sees), each with the exact mask of the pixels it changed. The same items every
+    time they are read (seeded by image and version), so validations of different epochs compare."""
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: ImageTransform,
+        cutpaste: CutPaste,
+        perlin: PerlinBlend,
+        defects_per_image: int = 2,
+        seed: int = 0,
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.cutpaste = dataclasses.replace(cutpaste, probability=1.0)
+        self.perlin = perlin
+        self.versions = 1 + int(defects_per_image)
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.samples) * self.versions
+
+    def unit_image(self, index: int) -> torch.Tensor:
+        return self.transform.to_unit_tensor(load_rgb(self.samples[index].path))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_index, version = divmod(index, self.versions)
+        image = self.unit_image(image_index)
+        mask = torch.zeros((1, *image.shape[-2:]), dtype=torch.float32)
+        kind = "good"
+        if version > 0:
+            state = np.random.SeedSequence([self.seed, image_index, version]).generate_state(
+                1, dtype=np.uint64
+            )[0]
+            generator = torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+            if version % 2 == 1:
+                kind = "cutpaste"
+                image, mask = self.cutpaste(image, generator=generator)
+            else:
+                kind = "perlin"
+                source = self.unit_image((image_index + 1) % len(self.samples)).flip(1, 2)
+                image, mask = self.perlin(image, source, generator)
+        return {
+            "image": self.transform.normalize(image),
+            "mask": mask,
+            "label": torch.tensor(int(bool(mask.any())), dtype=torch.int64),
+            "has_mask": torch.tensor(True),
+            "path": str(self.samples[image_index].path),
+            "defect_type": kind,
+        }
+
+
 class EpochShuffleSampler(Sampler[int]):
     """Random order that depends only on ``(seed, epoch)``; ``set_epoch`` also reaches the dataset.
 
@@ -144,7 +201,8 @@ def hold_out(samples: Sequence[Sample], ratio: float, seed: int) -> tuple[list[S
 
 
 class AnomalyDataModule(L.LightningDataModule, ABC):
-    """Base data module: train (normal, augmented), bank (normal, plain) and test loaders over samples.
+    """Base data module: train (normal, augmented), bank (normal, plain), validation (held-out normals with
+    synthetic defects) and test loaders over samples.
 
     Subclasses implement :meth:`samples`. Paths are checked in :meth:`setup` (or lazily when a loader is
     first requested), raising :class:`~patchae.errors.PatchAEError` with a one-line explanation.
@@ -168,6 +226,8 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         augment: CutPaste | None = None,
         seed: int = 0,
         holdout_ratio: float = 0.0,
+        val_defects_per_image: int = 2,
+        val_bank_images: int = 40,
     ) -> None:
         super().__init__()
         if isinstance(holdout_ratio, bool) or not 0.0 <= float(holdout_ratio) < 1.0:
@@ -176,6 +236,8 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
             ("batch_size", batch_size, 1),
             ("eval_batch_size", eval_batch_size, 1),
             ("num_workers", num_workers, 0),
+            ("val_defects_per_image", val_defects_per_image, 1),
+            ("val_bank_images", val_bank_images, 1),
         )
         for name, value, minimum in counts:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -189,6 +251,8 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         self.augment = augment
         self.seed = int(seed)
         self.holdout_ratio = float(holdout_ratio)
+        self.val_defects_per_image = val_defects_per_image
+        self.val_bank_images = val_bank_images
         self._samples: dict[str, list[Sample]] = {}
 
     @abstractmethod
@@ -199,7 +263,7 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
 
     def setup(self, stage: str | None = None) -> None:
         """List and check the samples the stage needs (``fit``: train; ``test``/``predict``/``validate``: test)."""
-        needed = {"fit": ("train",), "test": ("test",), "predict": ("test",), "validate": ("test",)}
+        needed = {"fit": ("train",), "test": ("test",), "predict": ("test",), "validate": ("train",)}
         for split in needed.get(stage or "", ("train", "test")):
             self._split_samples(split)
 
@@ -223,6 +287,32 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         if not self.holdout_samples:
             return None
         return self._loader(self._dataset(HOLDOUT, None), self.eval_batch_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Label-free validation: the held-out normal images, clean and with synthetic defects (exact masks).
+        Empty without held-out images (``holdout_ratio=0``)."""
+        if not self.holdout_samples:
+            return []
+        dataset = SyntheticDefectDataset(
+            self.holdout_samples,
+            self.transform,
+            self.augment if self.augment is not None else CutPaste(),
+            PerlinBlend(),
+            self.val_defects_per_image,
+            self.seed,
+        )
+        return self._loader(dataset, self.eval_batch_size, persistent_workers=self.num_workers > 0)
+
+    def val_bank_dataloader(self) -> DataLoader:
+        """Up to ``val_bank_images`` training images, evenly spread, without augmentation: validation's bank."""
+        train = self.train_samples
+        step = max(1, len(train) // self.val_bank_images)
+        dataset = AnomalyImageDataset(train[::step][: self.val_bank_images], self.transform, None, self.seed)
+        return self._loader(dataset, self.eval_batch_size)
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.holdout_samples)
 
     def test_dataloader(self) -> DataLoader:
         dataset = self._dataset("test", None)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
 from patchae.errors import PatchAEError, finite_number
 from patchae.memory import MemoryBank, torch_nearest
 from patchae.metrics import AnomalyMetrics
+from patchae.models.features import locally_aware_features
 from patchae.models.patch_ae import PatchAE, patch_ae_loss
-from patchae.scoring import anomaly_maps, image_scores
+from patchae.scoring import anomaly_maps, check_image_score, image_scores, reweighted_image_scores
 from patchae.thresholds import Thresholds, calibrate, check_method, check_quantile, decision_accuracy
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -58,10 +61,23 @@ class AnomalyModule(L.LightningModule):
         threshold_method: str = "f1",
         threshold_quantile: float = 0.99,
         threshold_value: float | None = None,
+        image_score: str = "max",
+        top_k: float = 0.01,
+        reweight_neighbors: int = 9,
+        val_bank_size: int = 20000,
     ) -> None:
         super().__init__()
         if search not in ("faiss", "torch"):
             raise PatchAEError(f"bank.search={search} is unknown; use faiss or torch")
+        check_image_score(image_score, top_k)
+        if reweight_neighbors < 1:
+            raise PatchAEError(f"scoring.reweight_neighbors={reweight_neighbors} must be at least 1")
+        self.image_score, self.top_k, self.reweight_neighbors = (
+            image_score,
+            float(top_k),
+            int(reweight_neighbors),
+        )
+        self.val_bank_size = int(val_bank_size)
         self.register_buffer("memory_bank", torch.empty(0, 0))
         self._index: MemoryBank | None = None
         self.search_block_mb: float = SEARCH_BLOCK_MB
@@ -77,6 +93,11 @@ class AnomalyModule(L.LightningModule):
         self.normal_scores = torch.empty(0)
         self._test_scores: list[torch.Tensor] = []
         self._test_labels: list[torch.Tensor] = []
+        self.val_metrics = AnomalyMetrics()
+        self.val_results: dict[str, float] = {}  # of the weights the fit kept (see BestEpochCallback)
+        self.selected_epoch: int | None = None
+        self.latest_val_results: dict[str, float] = {}
+        self._val_bank: torch.Tensor | None = None
 
     # -- the bank ---------------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -88,6 +109,11 @@ class AnomalyModule(L.LightningModule):
         embedding = self.embed(images)
         return embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
 
+    def calibrate_embedding(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Fits whatever scale ``embed`` applies to these training vectors (embedded with the current one) and
+        returns them as ``embed`` will now give them. Nothing to fit here."""
+        return vectors
+
     def set_memory_bank(self, vectors: torch.Tensor) -> None:
         self.memory_bank = vectors.detach().to(self.device, torch.float32).contiguous()
         self._index = None
@@ -97,14 +123,13 @@ class AnomalyModule(L.LightningModule):
     def has_memory_bank(self) -> bool:
         return self.memory_bank.numel() > 0
 
-    def nearest_distances(self, queries: torch.Tensor) -> torch.Tensor:
-        """(Q, k) Euclidean distances of each query to its k nearest bank vectors."""
+    def nearest_distances(self, queries: torch.Tensor, bank: torch.Tensor | None = None) -> torch.Tensor:
+        """(Q, k) Euclidean distances of each query to its k nearest vectors of the memory bank (or of ``bank``)."""
         k = self.hparams.num_neighbors
-        if self.hparams.search == "torch":
-            chunk, bank_chunk = search_chunks(self.search_block_mb, self.memory_bank.shape[0])
-            return torch_nearest(
-                queries, self.memory_bank, k=k, chunk_size=chunk, bank_chunk_size=bank_chunk
-            )[0]
+        if bank is not None or self.hparams.search == "torch":
+            bank = self.memory_bank if bank is None else bank
+            chunk, bank_chunk = search_chunks(self.search_block_mb, bank.shape[0])
+            return torch_nearest(queries, bank, k=k, chunk_size=chunk, bank_chunk_size=bank_chunk)[0]
         if self._index is None:
             self._index = MemoryBank(
                 self.memory_bank.cpu(), device=self.hparams.faiss_device, index=self.hparams.faiss_index
@@ -112,21 +137,45 @@ class AnomalyModule(L.LightningModule):
         return self._index.search(queries, k=k)[0].to(queries.device)
 
     # -- scoring ----------------------------------------------------------------------------------
-    def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
+    def patch_distances(self, embedding: torch.Tensor, bank: torch.Tensor | None = None) -> torch.Tensor:
         """(B, h, w) anomaly score of every patch: distance to the nearest normal patch (mean over k)."""
+        batch, dim, height, width = embedding.shape
+        queries = embedding.permute(0, 2, 3, 1).reshape(-1, dim)
+        return self.nearest_distances(queries, bank).mean(dim=1).reshape(batch, height, width)
+
+    def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) patch scores of ``images`` against the memory bank."""
+        self.check_memory_bank()
+        return self.patch_distances(self.embed(images))
+
+    def check_memory_bank(self) -> None:
         if not self.has_memory_bank:
             raise PatchAEError(
                 "this model has no memory bank; train it first (the bank is built at the end of fit)"
             )
-        embedding = self.embed(images)
-        batch, dim, height, width = embedding.shape
-        queries = embedding.permute(0, 2, 3, 1).reshape(-1, dim)
-        return self.nearest_distances(queries).mean(dim=1).reshape(batch, height, width)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly maps (B, H, W) at input resolution and image scores (B,)."""
-        maps = anomaly_maps(self.patch_scores(images), images.shape[-2:], self.hparams.blur_sigma)
-        return maps, image_scores(maps)
+        self.check_memory_bank()
+        return self.score(images)
+
+    def score(
+        self, images: torch.Tensor, bank: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps and image scores against the memory bank, or against ``bank`` (validation's)."""
+        embedding = self.embed(images)
+        patch = self.patch_distances(embedding, bank)
+        maps = anomaly_maps(patch, images.shape[-2:], self.hparams.blur_sigma)
+        if self.image_score != "reweight":
+            return maps, image_scores(maps, self.image_score, self.top_k)
+        batch, dim = embedding.shape[:2]
+        scores = reweighted_image_scores(
+            embedding.reshape(batch, dim, -1).transpose(1, 2),
+            patch.reshape(batch, -1),
+            self.memory_bank if bank is None else bank,
+            self.reweight_neighbors,
+        )
+        return maps, scores.to(maps.device)
 
     def normalize(self, scores: torch.Tensor) -> torch.Tensor:
         """Raw scores or maps -> [0, 1] with the decision threshold at 0.5 (nan before calibration)."""
@@ -144,6 +193,43 @@ class AnomalyModule(L.LightningModule):
             "normalized_maps": self.normalize(maps),
             "normalized_scores": self.normalize(scores),
             "is_anomalous": self.thresholds.is_anomalous(scores),
+        }
+
+    # -- label-free validation --------------------------------------------------------------------
+    # The data module's validation set: held-out normal images, clean and with synthetic defects (exact masks).
+    # They are scored against a bank of up to ``val_bank_size`` random patch vectors of the training images:
+    # a cheap stand-in for the coreset, rebuilt with the current weights at every validation.
+    def on_validation_epoch_start(self) -> None:
+        self.val_metrics.reset()
+        loader = self.trainer.datamodule.val_bank_dataloader()
+        vectors = torch.cat([self.embed_patches(batch["image"].to(self.device)) for batch in loader])
+        vectors = self.calibrate_embedding(vectors.float())
+        if len(vectors) > self.val_bank_size:
+            keep = torch.randperm(len(vectors), generator=torch.Generator().manual_seed(0))[
+                : self.val_bank_size
+            ]
+            vectors = vectors[keep.to(vectors.device)]
+        self._val_bank = vectors.contiguous()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        maps, scores = self.score(batch["image"], bank=self._val_bank)
+        self.val_metrics.update(
+            scores.cpu(), batch["label"].cpu(), maps.cpu(), batch["mask"][:, 0].cpu(), batch["has_mask"].cpu()
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        results = self.val_metrics.compute()
+        self._val_bank = None
+        self.latest_val_results = results
+        self.log_dict({f"val/{name}": results[name] for name in ("image_auroc", "pixel_auroc", "aupro")})
+
+    def validation_summary(self) -> dict[str, Any]:
+        """``val_*`` metrics of the kept weights and the epoch they are from, for results files."""
+        if self.selected_epoch is None:
+            return {}
+        return {
+            "selected_epoch": self.selected_epoch,
+            **{f"val_{name}": value for name, value in self.val_results.items()},
         }
 
     # -- testing ----------------------------------------------------------------------------------
@@ -214,6 +300,23 @@ class AnomalyModule(L.LightningModule):
         self.normal_scores = torch.tensor(self.thresholds.normal_scores, dtype=torch.float32)
 
 
+# What the bank holds for Patch AE, as blocks joined by '+': representation (R, the paper), features (the
+# fine-tuned backbone's stage maps with PatchCore's 3x3 local averaging: R's input) and pretrained (the same
+# from a frozen copy of the pretrained backbone: PatchCore's features). Several blocks are each scaled to unit
+# mean norm on the training images, so that none outweighs the others.
+BANK_BLOCKS = ("representation", "features", "pretrained")
+
+
+def bank_blocks(bank_features: str) -> list[str]:
+    blocks = bank_features.split("+")
+    if not blocks or any(block not in BANK_BLOCKS for block in blocks) or len(set(blocks)) < len(blocks):
+        raise PatchAEError(
+            f"model.bank_features={bank_features} is unknown; join distinct blocks of {', '.join(BANK_BLOCKS)} "
+            "with '+', e.g. representation or representation+pretrained"
+        )
+    return blocks
+
+
 class PatchAEModule(AnomalyModule):
     """Patch AE: fine-tunes the encoder by patch-wise reconstruction of CutPaste-augmented normal images."""
 
@@ -245,6 +348,13 @@ class PatchAEModule(AnomalyModule):
         crop_size: int | None = 224,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
+        aggregate: str = "none",
+        bank_features: str = "representation",
+        warmup_epochs: int = 0,
+        image_score: str = "max",
+        top_k: float = 0.01,
+        reweight_neighbors: int = 9,
+        val_bank_size: int = 20000,
     ) -> None:
         super().__init__(
             num_neighbors,
@@ -255,6 +365,10 @@ class PatchAEModule(AnomalyModule):
             threshold_method,
             threshold_quantile,
             threshold_value,
+            image_score=image_score,
+            top_k=top_k,
+            reweight_neighbors=reweight_neighbors,
+            val_bank_size=val_bank_size,
         )
         # Everything, preprocessing included, goes into the checkpoint so a saved model predicts on its own.
         self.save_hyperparameters()
@@ -262,13 +376,54 @@ class PatchAEModule(AnomalyModule):
             raise PatchAEError(f"optimizer.name={optimizer} is unknown; choose one of {sorted(OPTIMIZERS)}")
         if not 0.0 <= alpha <= 1.0:
             raise PatchAEError(f"loss.alpha={alpha} must be in [0, 1]")
-        self.model = PatchAE(backbone, layers, pretrained, weights, c3, decoder_hidden, activation)
+        self.bank_blocks = bank_blocks(bank_features)
+        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
+            raise PatchAEError(f"optimizer.warmup_epochs={warmup_epochs!r} must be an integer >= 0")
+        self.model = PatchAE(backbone, layers, pretrained, weights, c3, decoder_hidden, activation, aggregate)
         if freeze_backbone:
             self.model.backbone.requires_grad_(False)
+        # The pretrained features for the bank: a frozen copy of the backbone when fine-tuning changes it.
+        self.pretrained_backbone = (
+            copy.deepcopy(self.model.backbone).requires_grad_(False).eval()
+            if "pretrained" in self.bank_blocks and not freeze_backbone
+            else None
+        )
+        if len(self.bank_blocks) > 1:
+            # Mean norm of each block on the training images: see calibrate_embedding().
+            self.register_buffer("block_norms", torch.ones(len(self.bank_blocks)))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         self.model.check_input(images)
-        return self.model.encode(images)
+        features = self.model.backbone(images)
+        blocks = []
+        for block in self.bank_blocks:
+            if block == "representation":
+                representation = self.model.compress_features(features)
+                if self.hparams.aggregate == "representation":
+                    representation = F.avg_pool2d(representation, 3, stride=1, padding=1)
+                blocks.append(representation)
+            elif block == "features":
+                blocks.append(locally_aware_features(features, 3))
+            else:
+                pretrained = (
+                    features if self.pretrained_backbone is None else self.pretrained_backbone(images)
+                )
+                blocks.append(locally_aware_features(pretrained, 3))
+        if len(blocks) == 1:
+            return blocks[0]
+        return torch.cat([block / norm for block, norm in zip(blocks, self.block_norms, strict=True)], dim=1)
+
+    def calibrate_embedding(self, vectors: torch.Tensor) -> torch.Tensor:
+        """With several bank blocks: rescale each to unit mean norm on these training vectors (embedded with
+        the current norms) and remember the scale for the queries."""
+        if len(self.bank_blocks) == 1:
+            return vectors
+        widths = {"representation": self.model.c3, "features": self.model.concat_channels}
+        widths["pretrained"] = widths["features"]
+        blocks = vectors.split([widths[block] for block in self.bank_blocks], dim=1)
+        factors = [block.norm(dim=1).mean().clamp_min(1e-12) for block in blocks]
+        self.block_norms = self.block_norms * torch.stack(factors).to(self.block_norms)
+        return torch.cat([block / factor for block, factor in zip(blocks, factors, strict=True)], dim=1)
 
     def train(self, mode: bool = True) -> PatchAEModule:
         super().train(mode)
@@ -278,6 +433,8 @@ class PatchAEModule(AnomalyModule):
 
     def keep_pretrained_batchnorm(self) -> None:
         """Small anomaly-detection batches make poor BatchNorm statistics: keep the pretrained ones."""
+        if self.pretrained_backbone is not None:
+            self.pretrained_backbone.eval()
         if self.hparams.freeze_batchnorm or self.hparams.freeze_backbone:
             for module in self.model.backbone.modules():
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -298,13 +455,19 @@ class PatchAEModule(AnomalyModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> dict[str, Any]:
         backbone_lr = self.hparams.backbone_lr if self.hparams.backbone_lr is not None else self.hparams.lr
         head = [p for name, p in self.model.named_parameters() if not name.startswith("backbone.")]
         groups = [{"params": head, "lr": self.hparams.lr}]
         backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
         if backbone:
             groups.append({"params": backbone, "lr": backbone_lr})
-        return OPTIMIZERS[self.hparams.optimizer](
+        optimizer = OPTIMIZERS[self.hparams.optimizer](
             groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
+        # Warm-up: the backbone stands still while the freshly initialised head settles, so the head's first,
+        # large gradients do not wash out the pretrained features.
+        warmup = self.hparams.warmup_epochs
+        factors = [lambda epoch: 1.0] + [lambda epoch: 0.0 if epoch < warmup else 1.0] * (len(groups) - 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -10,7 +10,11 @@ from torch import nn
 
 from patchae.errors import PatchAEError
 from patchae.models.backbone import check_image_batch, create_feature_extractor
+from patchae.models.features import locally_aware_features
 
+# PatchCore's 3x3 local aggregation: off, of the stage features before the concat (R is trained on them),
+# or of R only where it is scored (training still sees per-patch R).
+AGGREGATIONS = ("none", "features", "representation")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "leaky_relu": nn.LeakyReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
@@ -33,6 +37,7 @@ class PatchAE(nn.Module):
         c3: int | None = None,
         decoder_hidden: int | None = None,
         activation: str = "relu",
+        aggregate: str = "none",
     ) -> None:
         super().__init__()
         if len(layers) < 1:
@@ -43,12 +48,18 @@ class PatchAE(nn.Module):
             raise PatchAEError(
                 f"model.activation={activation} is unknown; choose one of {sorted(ACTIVATIONS)}"
             )
+        if aggregate not in AGGREGATIONS:
+            raise PatchAEError(
+                f"model.aggregate={aggregate} is unknown; choose one of {', '.join(AGGREGATIONS)}"
+            )
+        self.aggregate = aggregate
         self.backbone = create_feature_extractor(backbone, layers, pretrained=pretrained, weights=weights)
         channels = self.backbone.feature_info.channels()
         reductions = self.backbone.feature_info.reduction()
         self.stride = int(min(reductions))  # the shallowest stage sets the patch size
         self.max_stride = int(max(reductions))
         concat = sum(channels)
+        self.concat_channels = concat
         self.c3 = int(c3) if c3 else concat // 2
         if not 0 < self.c3 < concat:
             raise PatchAEError(
@@ -71,12 +82,12 @@ class PatchAE(nn.Module):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """The representation R: (B, c3, H / stride, W / stride), one vector per image patch."""
-        features = self.backbone(images)
-        size = features[0].shape[-2:]
-        features = [features[0]] + [
-            F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in features[1:]
-        ]
-        return self.compress(torch.cat(features, dim=1))
+        return self.compress_features(self.backbone(images))
+
+    def compress_features(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """R from the backbone's stage maps: deeper ones upsampled to the first, concatenated, compressed."""
+        patch_size = 3 if self.aggregate == "features" else 1
+        return self.compress(locally_aware_features(features, patch_size))
 
     def decode(self, representation: torch.Tensor) -> torch.Tensor:
         """Image (B, 3, H, W) rebuilt patch by patch: only 1x1 convs, then depth-to-space."""

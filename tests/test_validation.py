@@ -1,0 +1,133 @@
+"""Label-free validation: synthetic defects with exact masks, and keeping the weights of the best validation."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+
+from patchae.callbacks import BestEpochCallback
+from patchae.data import SyntheticDataModule
+from patchae.data.cutpaste import CutPaste
+from patchae.data.perlin import PerlinBlend, perlin_noise
+from patchae.errors import PatchAEError
+
+
+def _image(seed: int, size: tuple[int, int] = (64, 80)) -> torch.Tensor:
+    return torch.rand((3, *size), generator=torch.Generator().manual_seed(seed))
+
+
+def test_perlin_noise_is_seeded_and_bounded() -> None:
+    a = perlin_noise(48, 64, (4, 2), torch.Generator().manual_seed(1))
+    b = perlin_noise(48, 64, (4, 2), torch.Generator().manual_seed(1))
+    assert a.shape == (48, 64) and torch.equal(a, b)
+    assert a.abs().max() <= 1.0 and a.std() > 0.05
+
+
+def test_perlin_blend_mask_is_exactly_the_changed_pixels() -> None:
+    blend = PerlinBlend()
+    for seed in range(40):
+        image, source = _image(seed), _image(1000 + seed)
+        out, mask = blend(image, source, torch.Generator().manual_seed(seed))
+        assert mask.shape == (1, 64, 80) and mask.sum() > 0
+        changed = (out != image).any(dim=0)
+        assert torch.equal(changed, mask[0].bool()), f"seed {seed}: mask differs from the changed pixels"
+        assert 0 <= out.min() and out.max() <= 1
+
+
+def test_perlin_blend_rejects_bad_settings() -> None:
+    with pytest.raises(PatchAEError, match="opacity"):
+        PerlinBlend(opacity=(0.5, 1.0))
+    with pytest.raises(PatchAEError, match="scale_exponents"):
+        PerlinBlend(scale_exponents=(3, 1))
+
+
+@pytest.fixture
+def datamodule(tmp_path) -> SyntheticDataModule:
+    module = SyntheticDataModule(
+        root=tmp_path / "data",
+        n_train=20,
+        n_test_good=2,
+        n_test_defect=2,
+        synthetic_size=64,
+        image_size=64,
+        crop_size=None,
+        holdout_ratio=0.2,
+        val_defects_per_image=2,
+        augment=CutPaste(probability=0.5),
+        seed=3,
+    )
+    module.setup("fit")
+    return module
+
+
+def test_validation_set_masks_match_the_pixels_changed(datamodule: SyntheticDataModule) -> None:
+    dataset = datamodule.val_dataloader().dataset
+    assert len(dataset) == 3 * len(datamodule.holdout_samples) == 12
+    kinds = {}
+    for index in range(len(dataset)):
+        item = dataset[index]
+        clean = dataset[index - index % 3]["image"]  # version 0 of the same image
+        changed = (item["image"] != clean).any(dim=0)
+        assert torch.equal(changed, item["mask"][0].bool()), (
+            f"item {index}: mask differs from the changed pixels"
+        )
+        assert item["label"].item() == int(changed.any())
+        kinds.setdefault(item["defect_type"], []).append(item["label"].item())
+    assert kinds["good"] == [0, 0, 0, 0]
+    assert kinds["cutpaste"] == [1, 1, 1, 1] and kinds["perlin"] == [1, 1, 1, 1]
+    again = datamodule.val_dataloader().dataset[5]
+    assert torch.equal(again["image"], dataset[5]["image"])  # the same items at every validation
+
+
+def test_validation_never_uses_training_or_bank_images(datamodule: SyntheticDataModule) -> None:
+    held_out = {str(s.path) for s in datamodule.holdout_samples}
+    validation = {item["path"] for item in datamodule.val_dataloader().dataset}
+    bank = {path for batch in datamodule.val_bank_dataloader() for path in batch["path"]}
+    assert validation == held_out
+    assert not bank & held_out and bank <= {str(s.path) for s in datamodule.train_samples}
+
+
+def _trainer(score: float, epoch: int, fn: TrainerFn = TrainerFn.FITTING) -> SimpleNamespace:
+    return SimpleNamespace(
+        callback_metrics={"val/image_auroc": torch.tensor(score)},
+        current_epoch=epoch,
+        state=SimpleNamespace(fn=fn),
+        sanity_checking=False,
+        should_stop=False,
+    )
+
+
+def test_best_epoch_callback_restores_the_best_weights_and_stops_on_patience() -> None:
+    module = nn.Linear(2, 1)
+    module.latest_val_results = {}
+    callback = BestEpochCallback(monitor="val/image_auroc", patience=2)
+    weights = {}
+    # epoch 0 (validate before fit), then after epochs 1, 2, 3: the best is after epoch 1
+    for score, epoch, fn in (
+        (0.6, 0, TrainerFn.VALIDATING),
+        (0.9, 0, TrainerFn.FITTING),
+        (0.7, 1, TrainerFn.FITTING),
+    ):
+        with torch.no_grad():
+            module.weight.fill_(score)
+        module.latest_val_results = {"image_auroc": score}
+        trainer = _trainer(score, epoch, fn)
+        callback.on_validation_end(trainer, module)
+        weights[score] = module.weight.clone()
+        assert not trainer.should_stop
+    trainer = _trainer(0.8, 2)
+    callback.on_validation_end(trainer, module)
+    assert trainer.should_stop  # two validations without improvement
+    callback.on_fit_end(trainer, module)
+    assert torch.equal(module.weight, weights[0.9])
+    assert module.selected_epoch == 1 and module.val_results == {"image_auroc": 0.9}
+
+
+def test_best_epoch_callback_names_the_metrics_it_can_monitor() -> None:
+    callback = BestEpochCallback(monitor="val/typo")
+    with pytest.raises(PatchAEError, match="val/image_auroc"):
+        callback.on_validation_end(_trainer(0.5, 0), nn.Linear(1, 1))
