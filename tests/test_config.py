@@ -248,3 +248,46 @@ def test_optuna_sweep_runs_and_reports_the_best_chosen_metric(tmp_path):
         "optimizer.lr",
         "bank.coreset_ratio",
     }
+
+
+def flat_settings(cfg) -> dict[str, object]:
+    """Every leaf of the composed config (run paths left out), by its dotted key."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    settings: dict[str, object] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            settings[prefix[:-1]] = node
+
+    walk(container, "")
+    return {k: v for k, v in settings.items() if not k.startswith("paths") and "output_dir" not in k}
+
+
+@pytest.mark.parametrize("option", options("ablation"))
+def test_each_ablation_option_composes_and_changes_only_its_factor(option, tmp_path):
+    base = flat_settings(compose_config(["backbone=efficientnet_lite0"], tmp_path))
+    cfg = compose_config([f"ablation={option}", "backbone=efficientnet_lite0"], tmp_path)
+    settings = flat_settings(cfg)
+    changed = {  # a key only one side has counts once for its whole group (augment=none empties it)
+        key if key in base and key in settings else key.split(".")[0]
+        for key in base.keys() | settings.keys()
+        if base.get(key) != settings.get(key)
+    }
+    if option == "defaults":
+        assert not changed
+    else:
+        # One factor: the keys it sets and the model / data keys that mirror them.
+        assert 1 <= len(changed) <= 6, changed
+    build(cfg)
+
+
+def test_ablation_experiment_sweeps_every_option_over_three_seeds(tmp_path):
+    cfg = compose_config(["experiment=ablation"], tmp_path, hydra=True)
+    assert cfg.hydra.mode == RunMode.MULTIRUN
+    assert dict(cfg.hydra.sweeper.params) == {"ablation": "glob(*)", "seed": "0,1,2"}
+    assert {"defaults", "epochs_0", "epochs_30", "backbone_frozen", "score_reweight"} <= set(
+        options("ablation")
+    )

@@ -275,3 +275,9 @@ class TestAnomalyMetrics:
         metrics = AnomalyMetrics()
         metrics.update(torch.tensor([0.1, float("nan"), 0.3]), torch.tensor([0, 1, 1]))
         assert math.isnan(metrics.compute()["image_auroc"])
+
+
+def test_f1_max_when_every_score_is_the_same():
+    """A collapsed model scores every image alike: F1-max is that of calling all of them anomalous."""
+    f1, threshold = f1_max(torch.full((4,), 2.5), torch.tensor([0, 1, 1, 0]))
+    assert f1 == pytest.approx(2 / 3) and threshold == pytest.approx(2.5)

@@ -131,3 +131,36 @@ def test_best_epoch_callback_names_the_metrics_it_can_monitor() -> None:
     callback = BestEpochCallback(monitor="val/typo")
     with pytest.raises(PatchAEError, match="val/image_auroc"):
         callback.on_validation_end(_trainer(0.5, 0), nn.Linear(1, 1))
+
+
+def test_a_fit_that_ruins_the_encoder_keeps_the_untrained_weights(tmp_path) -> None:
+    """Epoch 0 is validated before training: when training only hurts, its weights are the ones restored."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import REPO, TINY_RUN
+    from patchae.train import build
+
+    overrides = [
+        *TINY_RUN,
+        "trainer.max_epochs=2",
+        "data.n_train=20",
+        "threshold.holdout_ratio=0.3",
+        "validation.monitor=val/pixel_auroc",  # steadier than the image AUROC of 6 held-out images
+        "optimizer.lr=1.0",  # Adam at rate 1 wrecks the pretrained backbone in a step
+        "optimizer.backbone_lr=1.0",
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"data.root={tmp_path / 'data'}",
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    datamodule, model, trainer = build(cfg)
+    pretrained = {k: v.clone() for k, v in model.model.backbone.state_dict().items()}
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    trainer.fit(model, datamodule=datamodule)
+    callback = next(c for c in trainer.callbacks if isinstance(c, BestEpochCallback))
+    assert trainer.current_epoch == 2 and callback.last_epoch == 2  # it did train, and validated each epoch
+    assert model.selected_epoch == 0
+    assert model.val_results["pixel_auroc"] > max(0.6, callback.last_results["pixel_auroc"] + 0.1)
+    assert all(torch.equal(v, model.model.backbone.state_dict()[k]) for k, v in pretrained.items())
+    assert model.has_memory_bank  # built from the restored weights
+    assert model.validation_summary()["selected_epoch"] == 0

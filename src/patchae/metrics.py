@@ -169,6 +169,7 @@ def f1_max(scores: ArrayLike, labels: ArrayLike) -> tuple[float, float]:
         return float("nan"), float("nan")
     curve = BinaryPrecisionRecallCurve(thresholds=None, normalization=None, validate_args=False)
     precision, recall, thresholds = curve(scores_t, labels_t)
+    thresholds = thresholds.reshape(-1)  # a 0-dim tensor when every score is the same
     # The last (precision=1, recall=0) point has no threshold.
     precision, recall = precision[:-1], recall[:-1]
     f1 = (2 * precision * recall / (precision + recall)).nan_to_num(0.0)
