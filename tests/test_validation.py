@@ -164,3 +164,17 @@ def test_a_fit_that_ruins_the_encoder_keeps_the_untrained_weights(tmp_path) -> N
     assert all(torch.equal(v, model.model.backbone.state_dict()[k]) for k, v in pretrained.items())
     assert model.has_memory_bank  # built from the restored weights
     assert model.validation_summary()["selected_epoch"] == 0
+
+
+def test_a_later_epoch_must_beat_the_best_by_min_delta() -> None:
+    module = nn.Linear(1, 1)
+    callback = BestEpochCallback(monitor="val/image_auroc", min_delta=0.01)
+    for score, epoch in ((0.800, 0), (0.805, 0), (0.812, 1), (0.790, 2)):
+        with torch.no_grad():
+            module.weight.fill_(score)
+        module.latest_val_results = {"image_auroc": score}
+        fn = TrainerFn.VALIDATING if score == 0.800 else TrainerFn.FITTING
+        callback.on_validation_end(_trainer(score, epoch, fn), module)
+    callback.on_fit_end(_trainer(0.79, 2), module)
+    # 0.805 is within 0.01 of 0.800 (noise): kept out; 0.812 beats it by more.
+    assert module.selected_epoch == 2 and module.weight.item() == pytest.approx(0.812)

@@ -93,14 +93,23 @@ class BestEpochCallback(L.Callback):
     (``trainer.validate`` before fit, see :func:`patchae.train.fit_and_test`), so a category where training
     hurts keeps the untrained encoder. With ``patience``, training stops after that many validations
     without improvement. The copy lives in memory (CPU): nothing is written to disk. With ``select=False``
-    the last weights stay (a fixed training length) and their validation is what gets reported."""
+    the last weights stay (a fixed training length) and their validation is what gets reported.
+
+    A later epoch replaces the best only when it beats it by more than ``min_delta``: differences smaller than
+    what a few flipped validation images make are noise, and on noise the less trained weights are the safer
+    bet (synthetic-defect validation can favour training that real defects do not, see the README)."""
 
     def __init__(
-        self, monitor: str = "val/image_auroc", patience: int | None = None, select: bool = True
+        self,
+        monitor: str = "val/image_auroc",
+        patience: int | None = None,
+        select: bool = True,
+        min_delta: float = 0.0,
     ) -> None:
         self.monitor = monitor
         self.patience = patience
         self.select = select
+        self.min_delta = float(min_delta)
         self.last_epoch: int | None = None
         self.last_results: dict[str, float] = {}
         self.best_score = -math.inf
@@ -125,7 +134,7 @@ class BestEpochCallback(L.Callback):
         log.info("validation after %d epoch(s): %s = %.4f", epoch, self.monitor, score)
         if not self.select:
             return
-        if score > self.best_score or self.best_state is None:  # ties keep the less trained weights
+        if self.best_state is None or score > self.best_score + self.min_delta:
             self.best_score, self.best_epoch = score, epoch
             self.best_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
             self.best_results = self.last_results
