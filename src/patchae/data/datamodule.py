@@ -26,6 +26,12 @@ from patchae.errors import PatchAEError
 logger = logging.getLogger(__name__)
 
 
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A torch generator seeded from ``keys`` (well mixed: nearby keys give unrelated streams)."""
+    state = np.random.SeedSequence([int(key) for key in keys]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+
 class AnomalyImageDataset(Dataset):
     """Loads samples into dicts with ``image``, ``mask``, ``label``, ``has_mask``, ``path``, ``defect_type``.
 
@@ -60,8 +66,7 @@ class AnomalyImageDataset(Dataset):
 
     def item_generator(self, index: int) -> torch.Generator:
         """The generator that drives the augmentation of item ``index`` in the current epoch."""
-        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, dtype=np.uint64)[0]
-        return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+        return seeded_generator(self.seed, self.epoch, index)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
@@ -136,10 +141,7 @@ class SyntheticDefectDataset(Dataset):
         mask = torch.zeros((1, *image.shape[-2:]), dtype=torch.float32)
         kind = "good"
         if version > 0:
-            state = np.random.SeedSequence([self.seed, image_index, version]).generate_state(
-                1, dtype=np.uint64
-            )[0]
-            generator = torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+            generator = seeded_generator(self.seed, image_index, version)
             if version % 2 == 1:
                 kind = "cutpaste"
                 image, mask = self.cutpaste(image, generator=generator)

@@ -318,7 +318,11 @@ def bank_blocks(bank_features: str) -> list[str]:
 
 
 class PatchAEModule(AnomalyModule):
-    """Patch AE: fine-tunes the encoder by patch-wise reconstruction of CutPaste-augmented normal images."""
+    """Patch AE: fine-tunes the encoder by patch-wise reconstruction of CutPaste-augmented normal images.
+
+    The keyword defaults are the paper's (bank on R, no local averaging), which checkpoints saved before these
+    options existed rely on; the recommended settings are conf/model/patch_ae.yaml's.
+    """
 
     def __init__(
         self,
