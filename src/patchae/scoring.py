@@ -12,7 +12,7 @@ from patchae.errors import PatchAEError
 from patchae.memory import torch_nearest
 
 # max: the map's maximum (Patch AE, PatchCore's default here) | topk: mean of the top_k share of map pixels |
-# reweight: PatchCore's Eq. 7, which needs the patch features and the bank (see AnomalyModule.forward).
+# reweight: PatchCore's Eq. 7, which needs the patch features and the bank (see AnomalyModule.score).
 IMAGE_SCORES = ("max", "topk", "reweight")
 
 
