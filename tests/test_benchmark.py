@@ -111,6 +111,18 @@ def test_methods_are_named_after_what_differs(tmp_path):
     assert names == ["Patch AE (loss.alpha=0.0)", "Patch AE (loss.alpha=0.5)", "Patch AE (loss.alpha=1.0)"]
 
 
+def test_settings_that_only_follow_the_category_name_no_method(tmp_path):
+    for category, root in (("bottle", "mvtec_ad"), ("screw", "mvtec_ad_image_level")):
+        for model in ("patch_ae", "patchcore"):
+            fake_run(
+                tmp_path / f"{category}_{model}",
+                [f"model={model}", f"category={category}", f"data.root={root}"],
+                category=category,
+                model={"patch_ae": "PatchAEModule", "patchcore": "PatchCoreModule"}[model],
+            )
+    assert sorted(set(method_names(find_runs([tmp_path])))) == ["Patch AE", "PatchCore"]
+
+
 def test_without_hydra_overrides_metadata_tells_runs_apart(tmp_path):
     fake_run(tmp_path / "a", None, layers="2+3")
     fake_run(tmp_path / "b", None, layers="1+2")

@@ -170,7 +170,14 @@ def method_names(runs: Sequence[Run]) -> list[str]:
             for run in runs
         ]
     keys = sorted({key for setting in settings for key in setting} - set(NOT_A_VARIANT))
-    keys = [k for k in keys if not k.startswith("hydra") and len({s.get(k) for s in settings}) > 1]
+
+    def varies_within_a_category(key: str) -> bool:  # data.root set per category names no method
+        values: dict[str, set[str | None]] = {}
+        for run, setting in zip(runs, settings, strict=True):
+            values.setdefault(run.category, set()).add(setting.get(key))
+        return any(len(category_values) > 1 for category_values in values.values())
+
+    keys = [k for k in keys if not k.startswith("hydra") and varies_within_a_category(k)]
     names = []
     for run, setting in zip(runs, settings, strict=True):
         variant = ", ".join(f"{key}={setting[key]}" for key in keys if key in setting)
