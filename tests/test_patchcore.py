@@ -11,7 +11,8 @@ from conftest import TINY_SYNTHETIC
 from patchae.errors import PatchAEError
 from patchae.models import PatchCoreModule
 from patchae.models.backbone import create_feature_extractor
-from patchae.models.patchcore import locally_aware_features, pool_channels, reweighted_image_scores
+from patchae.models.features import locally_aware_features, pool_channels
+from patchae.scoring import reweighted_image_scores
 from patchae.train import fit_and_test
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
