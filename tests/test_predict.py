@@ -19,7 +19,7 @@ from patchae.data import ImageTransform, SyntheticDataModule
 from patchae.errors import PatchAEError
 from patchae.inference_benchmark import benchmark_bank, extra_peak_mb, reset_peak_memory
 from patchae.memory import MemoryBank, torch_nearest
-from patchae.models.module import search_chunks
+from patchae.models.base import search_chunks
 from patchae.predict import Predictor, folder_label, predict_to_folder
 
 trained = session_checkpoint_fixture()
@@ -239,3 +239,17 @@ def test_ivf_indexes_have_measured_recall():
     assert faiss["ivf_nprobe2"]["recall_at_1"] > 0.5
     assert 0.3 < faiss["ivfpq_nprobe32"]["recall_at_1"] <= 1.0
     assert faiss["ivf_nprobe2"]["max_score_error"] >= 0.0  # distances of what it finds are exact
+
+
+def test_checkpoints_naming_the_old_module_path_still_load(trained, tmp_path):
+    # Before the models moved into packages of their own, checkpoints recorded patchae.models.module.<class>.
+    from patchae.models import PatchAEModule
+    from patchae.models.base import CHECKPOINT_KEY
+    from patchae.predict import checkpoint_class, read_checkpoint
+
+    checkpoint = read_checkpoint(trained.ckpt)
+    checkpoint[CHECKPOINT_KEY]["model_class"] = "patchae.models.module.PatchAEModule"
+    assert checkpoint_class(checkpoint, tmp_path / "old.ckpt") is PatchAEModule
+    checkpoint[CHECKPOINT_KEY]["model_class"] = "patchae.models.module.NoSuchModule"
+    with pytest.raises(PatchAEError, match="NoSuchModule, which this patchae does not have"):
+        checkpoint_class(checkpoint, tmp_path / "old.ckpt")

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from patchae.errors import PatchAEError
-from patchae.models.module import AnomalyModule
+from patchae.models.base import AnomalyModule
 from patchae.predict import load_model, pick_thresholds
 from patchae.scoring import blur_kernel_size, image_scores
 from patchae.thresholds import Thresholds, normalize_scores

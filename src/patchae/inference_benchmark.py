@@ -34,7 +34,8 @@ from omegaconf import OmegaConf
 
 from patchae.errors import PatchAEError
 from patchae.memory import MemoryBank, torch_nearest
-from patchae.models.module import AnomalyModule, PatchAEModule, search_chunks
+from patchae.models import AnomalyModule, PatchAEModule
+from patchae.models.base import search_chunks
 from patchae.predict import load_model, resolve_device, set_threads
 
 log = logging.getLogger(__name__)

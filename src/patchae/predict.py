@@ -42,7 +42,8 @@ from PIL import Image, ImageDraw, ImageFont
 from patchae.data import IMAGE_EXTENSIONS, ImageTransform, load_rgb
 from patchae.data.images import is_image_file
 from patchae.errors import PatchAEError, finite_number
-from patchae.models.module import CHECKPOINT_KEY, AnomalyModule, PatchAEModule
+from patchae.models import AnomalyModule, PatchAEModule
+from patchae.models.base import CHECKPOINT_KEY
 from patchae.thresholds import Thresholds
 from patchae.visualize import heatmap
 
@@ -112,6 +113,10 @@ def checkpoint_class(checkpoint: dict[str, Any], path: Path) -> type[AnomalyModu
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError):
+        # Models moved into packages of their own (patchae.models.module -> patchae.models.<name>); every model
+        # class is exported by patchae.models, so older checkpoints still find theirs by its name.
+        cls = getattr(importlib.import_module("patchae.models"), class_name, None)
+    if cls is None:
         raise PatchAEError(
             f"checkpoint {path} was saved by model class {name}, which this patchae does not have; update patchae"
         ) from None

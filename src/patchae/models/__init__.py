@@ -1,5 +1,7 @@
-from patchae.models.module import AnomalyModule, PatchAEModule
-from patchae.models.patch_ae import PatchAE, patch_ae_loss
+"""Every model is a plug-in in its own package (network and Lightning wrapper side by side) on the shared base."""
+
+from patchae.models.base import AnomalyModule
+from patchae.models.patch_ae import PatchAE, PatchAEModule, patch_ae_loss
 from patchae.models.patchcore import PatchCoreModule
 
 __all__ = ["AnomalyModule", "PatchAE", "PatchAEModule", "PatchCoreModule", "patch_ae_loss"]

@@ -14,8 +14,8 @@ import torch
 
 from patchae.errors import PatchAEError
 from patchae.models.backbone import check_image_batch, create_feature_extractor
+from patchae.models.base import AnomalyModule
 from patchae.models.features import locally_aware_features
-from patchae.models.module import AnomalyModule
 
 # PatchCore has nothing to optimise; Lightning's note about it is expected, not a problem.
 warnings.filterwarnings("ignore", message=r".*configure_optimizers.* returned `None`.*")
