@@ -8,7 +8,8 @@ from patchae.data.datamodule import (
     MVTecDataModule,
     SyntheticDataModule,
 )
-from patchae.data.download import download_mvtec
+from patchae.data.datasets import DATASETS, PublicDataModule
+from patchae.data.download import download_dataset, download_mvtec
 from patchae.data.images import IMAGE_EXTENSIONS, load_mask, load_rgb
 from patchae.data.samples import (
     GRAYSCALE_CATEGORIES,
@@ -26,13 +27,16 @@ __all__ = [
     "IMAGENET_STD",
     "MVTEC_CATEGORIES",
     "AnomalyDataModule",
+    "DATASETS",
     "AnomalyImageDataset",
     "CutPaste",
     "FolderDataModule",
     "ImageTransform",
     "MVTecDataModule",
+    "PublicDataModule",
     "Sample",
     "SyntheticDataModule",
+    "download_dataset",
     "download_mvtec",
     "folder_samples",
     "generate_synthetic_category",

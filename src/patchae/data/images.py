@@ -42,15 +42,19 @@ def load_rgb(path: str | Path) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def load_mask(path: str | Path) -> Image.Image:
+def load_mask(path: str | Path, nonzero: bool = False) -> Image.Image:
     """Read a ground-truth mask as a binary mode ``L`` image: pixels above half the mask's largest value become
     255, so 0/255 and 0/1 masks read exactly and a JPEG mask's compression noise around a defect stays
-    background."""
+    background. With ``nonzero`` every non-zero pixel is defect: for masks whose values are defect ids
+    (VisA, MVTec LOCO AD), where id 1 beside id 3 is as much a defect."""
     image = _drop_alpha(_open_decoded(path))
     if image.mode not in ("1", "L", "RGB", "F") and image.mode not in _SIXTEEN_BIT_MODES:
         image = image.convert("RGB")  # palette, CMYK, YCbCr, ...: compare real colours, not indices
     values = np.asarray(image)
-    foreground = values > values.max() / 2 if values.size and values.max() > 0 else values > 0
+    if nonzero or not values.size or values.max() <= 0:
+        foreground = values > 0
+    else:
+        foreground = values > values.max() / 2
     if foreground.ndim == 3:
         foreground = foreground.any(axis=2)
     return Image.fromarray(np.where(foreground, 255, 0).astype(np.uint8), mode="L")
