@@ -4,9 +4,10 @@
 ``model.onnx`` / ``model.torchscript.pt`` and ``export.json`` (preprocessing, threshold, I/O names), then
 checks that the exported files score like the checkpoint (``check=true``).
 
-The exported graph takes a normalised ``(B, 3, S, S)`` batch (S = the crop size the model was tested with;
-B is dynamic) and returns ``anomaly_maps (B, S, S)``, raw ``image_scores (B,)`` and ``normalized_scores (B,)``
-(0.5 = the checkpoint's threshold). Nearest-neighbour search is exact and matmul-based: the bank is scanned in
+The exported graph takes a normalised ``(B, 3, H, W)`` batch (H, W fixed: the model input it was trained with,
+after resize, padding and crop; B is dynamic) and returns ``anomaly_maps (B, H, W)``, raw ``image_scores (B,)``
+and ``normalized_scores (B,)`` (0.5 = the checkpoint's threshold). A model trained with ``data.tiling`` cuts
+and stitches its tiles inside the graph. Nearest-neighbour search is exact and matmul-based: the bank is scanned in
 fixed-size blocks (``|q|^2 - 2 q.b + |b|^2``, running top-k), then the distances of the chosen neighbours are
 recomputed directly, as :func:`patchae.memory.torch_nearest` and the faiss path do, so scores agree with the
 checkpoint to float rounding.
@@ -31,10 +32,11 @@ from lightning import LightningModule
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from patchae.data.transforms import ImageTransform
 from patchae.errors import PatchAEError
 from patchae.models.base import AnomalyModule
 from patchae.predict import load_model, pick_thresholds
-from patchae.scoring import blur_kernel_size, image_scores
+from patchae.scoring import MAX_OPERATOR_SIDE, blur_kernel_size, image_scores, map_operator
 from patchae.thresholds import Thresholds, normalize_scores
 
 log = logging.getLogger(__name__)
@@ -95,7 +97,7 @@ class ExportableScorer(nn.Module):
 
     def __init__(self, model: AnomalyModule, thresholds: Thresholds, bank_block: int = 4096) -> None:
         super().__init__()
-        if not model.has_memory_bank:
+        if not model.is_fitted:
             raise PatchAEError(
                 "the model has no memory bank to export; export a model.ckpt of a finished run"
             )
@@ -105,32 +107,56 @@ class ExportableScorer(nn.Module):
             )
         self.model = model.eval()
         self.image_score, self.top_k = model.image_score, model.top_k
-        bank = model.memory_bank.float()
+        bank = model.memory_bank.float()  # empty for reconstruction models (scores_by_bank False)
         self.register_buffer("bank_sq", (bank * bank).sum(dim=1))
-        self.k = int(model.hparams.num_neighbors)
+        self.k = int(model.hparams.get("num_neighbors", 1))  # reconstruction models have no neighbours
         sigma = float(model.hparams.blur_sigma)
         self.blur = GaussianBlur(sigma) if sigma > 0 else nn.Identity()
         self.bank_block = int(bank_block)
         self.threshold = float(thresholds.value)
         self.scale = float(thresholds.scale)
+        self.register_buffer("map_rows", None)
+        self.register_buffer("map_cols", None)
+        size = input_shape(model)
+        if model.scores_by_bank and model.tiling is None and max(size) <= MAX_OPERATOR_SIDE:
+            # Upsampling and blur as two matmuls (patchae.scoring.anomaly_maps), ~100x faster in ONNX Runtime than
+            # a convolution; the operators are made here, not while tracing, so the graph holds them as constants.
+            with torch.no_grad():
+                grid = model.embed(torch.zeros(1, 3, *size, device=model.device)).shape[-2:]
+            # Copies: the operators are cached, and a traced module may not hold one tensor twice.
+            self.map_rows = map_operator(int(grid[0]), size[0], sigma).clone().to(model.device)
+            self.map_cols = map_operator(int(grid[1]), size[1], sigma).clone().to(model.device)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        embedding = self.model.embed(images)
+        if not self.model.scores_by_bank:  # SSL-AE, DAAD: their unblurred map at input resolution
+            maps = self.blur(self.model.patch_scores(images).unsqueeze(1)).squeeze(1)
+            scores = image_scores(maps, self.image_score, self.top_k)
+            return maps, scores, normalize_scores(scores, self.threshold, self.scale)
+        tiling = self.model.tiling
+        embedding = self.model.embed(self.model.tiles(images))
         height, width = embedding.shape[-2:]
         queries = embedding.flatten(2).transpose(1, 2)
         distances = nearest_bank_distances(
             queries, self.model.memory_bank, self.bank_sq, self.k, self.bank_block
         )
         patch_scores = distances.reshape(-1, 1, height, width)
-        maps = F.interpolate(patch_scores, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        maps = self.blur(maps).squeeze(1)
+        if self.map_rows is not None:
+            maps = self.map_rows @ patch_scores.squeeze(1) @ self.map_cols.t()
+        elif tiling is None:
+            maps = F.interpolate(patch_scores, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            maps = self.blur(maps).squeeze(1)
+        else:
+            size = (tiling.tile, tiling.tile)
+            tile_maps = F.interpolate(patch_scores, size=size, mode="bilinear", align_corners=False)
+            maps = tiling.stitch(tile_maps.squeeze(1), *images.shape[-2:]).unsqueeze(1)
+            maps = self.blur(maps).squeeze(1)
         scores = image_scores(maps, self.image_score, self.top_k)
         return maps, scores, normalize_scores(scores, self.threshold, self.scale)
 
 
-def input_size(model: AnomalyModule) -> int:
-    hparams = model.hparams
-    return int(hparams.crop_size if hparams.get("crop_size") else hparams.image_size)
+def input_shape(model: AnomalyModule) -> tuple[int, int]:
+    """``(H, W)`` of the model input the checkpoint was trained with (the exported graph's fixed size)."""
+    return ImageTransform.from_hparams(model.hparams).output_shape
 
 
 def metadata(model: AnomalyModule, thresholds: Thresholds, ckpt: str | Path) -> dict[str, Any]:
@@ -142,16 +168,20 @@ def metadata(model: AnomalyModule, thresholds: Thresholds, ckpt: str | Path) -> 
         "backbone": hparams.get("backbone"),
         "input": {
             "name": INPUT_NAMES[0],
-            "shape": ["batch", 3, input_size(model), input_size(model)],
+            "shape": ["batch", 3, *input_shape(model)],
             "dtype": "float32",
             "preprocessing": {
                 "image_size": hparams.image_size,
                 "crop_size": hparams.get("crop_size"),
+                "resize_mode": hparams.get("resize_mode") or "squash",
                 "mean": list(hparams.mean),
                 "std": list(hparams.std),
-                "steps": "RGB, resize to image_size x image_size (bilinear, antialiased), centre crop "
-                "to crop_size, scale to [0, 1], (x - mean) / std",
+                "steps": "RGB, resize to image_size (int: square, or [height, width]; bilinear, antialiased): "
+                "squash stretches to it, keep_aspect scales to fit inside it and pads the rest centred with "
+                "the mean colour; centre crop to crop_size; scale to [0, 1], (x - mean) / std; the map's "
+                "padding is dropped and the rest resized back to the image",
             },
+            "tiling": model.tiling.as_config() if model.tiling is not None else None,
         },
         "outputs": OUTPUT_NAMES,
         "threshold": {
@@ -287,9 +317,8 @@ def export_model(
     thresholds = pick_thresholds(model.thresholds, threshold, threshold_method, source=f"checkpoint {ckpt}")
     output = Path(output).expanduser() if output else ckpt.parent / "export"
     output.mkdir(parents=True, exist_ok=True)
-    size = input_size(model)
     if example is None:
-        example = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
+        example = torch.randn(batch_size, 3, *input_shape(model), generator=torch.Generator().manual_seed(0))
     scorer = ExportableScorer(model, thresholds, bank_block)
     extra = metadata(model, thresholds, ckpt)
     (output / "export.json").write_text(json.dumps(extra, indent=2))

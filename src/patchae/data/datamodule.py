@@ -17,11 +17,19 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from patchae.data.cutpaste import CutPaste
 from patchae.data.download import download_mvtec
-from patchae.data.images import load_mask, load_rgb
+from patchae.data.images import load_rgb
 from patchae.data.perlin import PerlinBlend
-from patchae.data.samples import MVTEC_CATEGORIES, Sample, check_split, folder_samples, mvtec_samples
+from patchae.data.samples import (
+    MVTEC_CATEGORIES,
+    Sample,
+    check_split,
+    folder_samples,
+    load_sample_mask,
+    mvtec_samples,
+)
 from patchae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from patchae.errors import PatchAEError
+from patchae.tiling import Tiling, random_tile
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +55,13 @@ class AnomalyImageDataset(Dataset):
         transform: ImageTransform,
         augment: CutPaste | None = None,
         seed: int = 0,
+        tile: int | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.augment = augment
         self.seed = int(seed)
+        self.tile = tile  # with data.tiling, training items are one random tile of each image
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
@@ -72,14 +82,16 @@ class AnomalyImageDataset(Dataset):
         sample = self.samples[index]
         picture = load_rgb(sample.path)
         image = self.transform.to_unit_tensor(picture)
-        size = self.transform.output_size
         if sample.mask_path is not None:
-            mask_image = load_mask(sample.mask_path)
+            mask_image = load_sample_mask(sample)
             check_mask_size(mask_image.size, picture.size, sample)
             mask = self.transform.mask(mask_image)
         else:
-            mask = torch.zeros((1, size, size), dtype=torch.float32)
+            mask = torch.zeros((1, *self.transform.output_shape), dtype=torch.float32)
         label, has_mask = sample.label, sample.has_pixel_labels
+        if self.tile is not None:
+            generator = seeded_generator(self.seed, self.epoch, index, 1)
+            image, mask = random_tile(image, mask, self.tile, generator)
         if self.augment is not None:
             image, pasted = self.augment(image, generator=self.item_generator(index))
             if bool(pasted.any()):
@@ -91,7 +103,18 @@ class AnomalyImageDataset(Dataset):
             "has_mask": torch.tensor(has_mask, dtype=torch.bool),
             "path": str(sample.path),
             "defect_type": sample.defect_type,
+            "index": torch.tensor(index),  # under DDP, to drop the sampler's repeated items when gathering
+            **geometry(self.transform, (picture.height, picture.width)),
         }
+
+
+def geometry(transform: ImageTransform, original: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """An item's ``original_size`` (H, W) and ``content_box`` (top, left, bottom, right: the input pixels that
+    show the image, not padding), with which maps go back to the original image and metrics skip padding."""
+    return {
+        "original_size": torch.tensor(original),
+        "content_box": torch.tensor(transform.content_box(original)),
+    }
 
 
 def check_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int], sample: Sample) -> None:
@@ -137,7 +160,8 @@ class SyntheticDefectDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_index, version = divmod(index, self.versions)
-        image = self.unit_image(image_index)
+        picture = load_rgb(self.samples[image_index].path)
+        image = self.transform.to_unit_tensor(picture)
         mask = torch.zeros((1, *image.shape[-2:]), dtype=torch.float32)
         kind = "good"
         if version > 0:
@@ -156,6 +180,8 @@ class SyntheticDefectDataset(Dataset):
             "has_mask": torch.tensor(True),
             "path": str(self.samples[image_index].path),
             "defect_type": kind,
+            "index": torch.tensor(index),
+            **geometry(self.transform, (picture.height, picture.width)),
         }
 
 
@@ -218,8 +244,8 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         self,
         root: str | Path,
         category: str,
-        image_size: int = 256,
-        crop_size: int | None = 224,
+        image_size: int | Sequence[int] = 256,
+        crop_size: int | Sequence[int] | None = 224,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         batch_size: int = 8,
@@ -230,6 +256,8 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         holdout_ratio: float = 0.0,
         val_defects_per_image: int = 2,
         val_bank_images: int = 40,
+        resize_mode: str = "squash",
+        tiling: dict | None = None,
     ) -> None:
         super().__init__()
         if isinstance(holdout_ratio, bool) or not 0.0 <= float(holdout_ratio) < 1.0:
@@ -246,7 +274,10 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
                 raise PatchAEError(f"data.{name} must be an integer >= {minimum}, got {value!r}")
         self.root = Path(root).expanduser()
         self.category = str(category)
-        self.transform = ImageTransform(image_size, crop_size, mean, std)
+        self.transform = ImageTransform(image_size, crop_size, mean, std, resize_mode)
+        self.tiling = Tiling.from_config(tiling)
+        if self.tiling is not None:
+            self.tiling.check_fits(*self.transform.output_shape)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -272,6 +303,7 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
     def train_dataloader(self) -> DataLoader:
         """Normal training images with CutPaste (if configured), reshuffled each epoch."""
         dataset = self._dataset("train", self.augment)
+        dataset.tile = self.tiling.tile if self.tiling is not None else None
         return self._loader(
             dataset,
             self.batch_size,
@@ -334,7 +366,7 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
     @property
     def image_shape(self) -> tuple[int, int]:
         """``(height, width)`` of the tensors in every batch."""
-        return (self.transform.output_size, self.transform.output_size)
+        return self.transform.output_shape
 
     @property
     def train_samples(self) -> list[Sample]:
@@ -425,7 +457,7 @@ class SyntheticDataModule(AnomalyDataModule):
         n_train: int = 60,
         n_test_good: int = 12,
         n_test_defect: int = 24,
-        synthetic_size: int = 256,
+        synthetic_size: int | Sequence[int] = 256,
         synthetic_seed: int = 0,
         **kwargs: Any,
     ) -> None:

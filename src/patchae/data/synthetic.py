@@ -8,7 +8,8 @@ normals vary but share one structure. Test defects come in three kinds with exac
 * ``spot``: one or two irregular blobs of a foreign colour;
 * ``patch``: a region whose weave is rotated, re-scaled and re-coloured.
 
-Every defect covers 3-15 % of the image. Output is deterministic under ``seed``.
+Every defect covers 3-15 % of the image. Output is deterministic under ``seed``. ``image_size`` is an int
+(square) or ``[height, width]``, e.g. ``[768, 320]`` for a portrait category like KolektorSDD's parts.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def generate_synthetic_category(
     n_train: int = 60,
     n_test_good: int = 12,
     n_test_defect: int = 24,
-    image_size: int = 256,
+    image_size: int | Sequence[int] = 256,
     seed: int = 0,
     overwrite: bool = False,
 ) -> Path:
@@ -84,16 +85,28 @@ def generate_synthetic_category(
     return category_dir
 
 
-def _validated_params(n_train: int, n_test_good: int, n_test_defect: int, image_size: int, seed: int) -> dict:
+def _validated_params(
+    n_train: int, n_test_good: int, n_test_defect: int, image_size: int | Sequence[int], seed: int
+) -> dict:
     counts = {"n_train": n_train, "n_test_good": n_test_good, "n_test_defect": n_test_defect}
     for name, value in counts.items():
         if not isinstance(value, int) or value < 0:
             raise PatchAEError(f"synthetic {name} must be a non-negative integer, got {value!r}")
     if n_train < 1:
         raise PatchAEError("synthetic n_train must be at least 1")
-    if not isinstance(image_size, int) or image_size < 32:
-        raise PatchAEError(f"synthetic image_size must be an integer >= 32, got {image_size!r}")
-    return {**counts, "image_size": image_size, "seed": int(seed), "version": GENERATOR_VERSION}
+    sides = [image_size] if isinstance(image_size, int) else list(image_size)
+    if len(sides) not in (1, 2) or any(
+        isinstance(v, bool) or not isinstance(v, int) or v < 32 for v in sides
+    ):
+        raise PatchAEError(
+            f"synthetic image_size must be an integer >= 32 or [height, width] of them, got {image_size!r}"
+        )
+    size = sides[0] if len(sides) == 1 or sides[0] == sides[1] else sides  # square: an int, as before
+    return {**counts, "image_size": size, "seed": int(seed), "version": GENERATOR_VERSION}
+
+
+def _shape(size: int | Sequence[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _read_marker(category_dir: Path) -> dict | None:
@@ -104,7 +117,7 @@ def _read_marker(category_dir: Path) -> dict | None:
 
 
 def _write_category(out: Path, params: dict) -> None:
-    size, seed = params["image_size"], params["seed"]
+    size, seed = _shape(params["image_size"]), params["seed"]
     for index in range(params["n_train"]):
         image = normal_image(_rng(seed, "train", index), size)
         _save(image, out / "train" / "good" / f"{index:03d}.png")
@@ -137,9 +150,9 @@ def _save(image: np.ndarray, path: Path) -> None:
 # ---- normal texture ------------------------------------------------------------------------------------
 
 
-def weave(size: int, period: float, angle: float, phases: Sequence[float]) -> np.ndarray:
+def weave(shape: tuple[int, int], period: float, angle: float, phases: Sequence[float]) -> np.ndarray:
     """Brightness modulation (about +-0.25) of a woven fabric: two crossing thread patterns + fine detail."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float64)
+    y, x = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
     u = x * math.cos(angle) + y * math.sin(angle)
     v = -x * math.sin(angle) + y * math.cos(angle)
     warp = np.cos(2 * math.pi * u / period + phases[0])
@@ -152,12 +165,13 @@ def weave(size: int, period: float, angle: float, phases: Sequence[float]) -> np
     return 0.18 * threads + 0.04 * detail
 
 
-def colour_field(rng: np.random.Generator, size: int, base: np.ndarray) -> np.ndarray:
-    """Smooth ``size x size x 3`` colour variation around ``base`` from a few low-frequency waves."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float64) / size
-    field = np.empty((size, size, 3))
+def colour_field(rng: np.random.Generator, shape: tuple[int, int], base: np.ndarray) -> np.ndarray:
+    """Smooth ``H x W x 3`` colour variation around ``base`` from a few low-frequency waves."""
+    y, x = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
+    y, x = y / shape[0], x / shape[1]
+    field = np.empty((*shape, 3))
     for channel in range(3):
-        wave = np.zeros((size, size))
+        wave = np.zeros(shape)
         for _ in range(3):
             fx, fy = rng.integers(-2, 3, size=2)
             wave += rng.uniform(0.01, 0.03) * np.cos(
@@ -167,13 +181,14 @@ def colour_field(rng: np.random.Generator, size: int, base: np.ndarray) -> np.nd
     return field
 
 
-def normal_image(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A defect-free ``size x size x 3`` float image in [0, 1]."""
+def normal_image(rng: np.random.Generator, size: int | tuple[int, int]) -> np.ndarray:
+    """A defect-free ``H x W x 3`` float image in [0, 1] (``size``: int or ``(H, W)``)."""
+    shape = _shape(size)
     base = np.array([0.58, 0.46, 0.34]) + rng.uniform(-0.025, 0.025, size=3)
-    period = size / 16 * (1 + rng.uniform(-0.03, 0.03))
+    period = min(shape) / 16 * (1 + rng.uniform(-0.03, 0.03))
     angle = math.radians(rng.normal(0.0, 2.0))
-    texture = weave(size, period, angle, rng.uniform(0, 2 * math.pi, size=2))
-    image = colour_field(rng, size, base) * (1.0 + texture[..., None])
+    texture = weave(shape, period, angle, rng.uniform(0, 2 * math.pi, size=2))
+    image = colour_field(rng, shape, base) * (1.0 + texture[..., None])
     image += rng.normal(0.0, 0.012, size=image.shape)
     return np.clip(image, 0.0, 1.0)
 
@@ -181,10 +196,13 @@ def normal_image(rng: np.random.Generator, size: int) -> np.ndarray:
 # ---- defects -------------------------------------------------------------------------------------------
 
 
-def defective_image(rng: np.random.Generator, size: int, defect: str) -> tuple[np.ndarray, np.ndarray]:
-    """A normal image with one defect of kind ``defect`` and its boolean mask (``size x size``)."""
+def defective_image(
+    rng: np.random.Generator, size: int | tuple[int, int], defect: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """A normal image with one defect of kind ``defect`` and its boolean mask (``H x W``)."""
     if defect not in _DEFECT_MAKERS:
         raise PatchAEError(f"unknown synthetic defect type {defect!r}; use one of {DEFECT_TYPES}")
+    size = _shape(size)
     image = normal_image(rng, size)
     low, high = DEFECT_AREA_RANGE
     for _ in range(50):
@@ -198,34 +216,37 @@ def defective_image(rng: np.random.Generator, size: int, defect: str) -> tuple[n
     return np.clip(image, 0.0, 1.0), mask
 
 
-def _scratch_mask(rng: np.random.Generator, size: int) -> np.ndarray:
-    canvas = Image.new("L", (size, size), 0)
+def _scratch_mask(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    extent = np.array(shape[::-1])  # (x, y), as PIL draws
+    canvas = Image.new("L", (shape[1], shape[0]), 0)
     draw = ImageDraw.Draw(canvas)
     for _ in range(int(rng.integers(1, 3))):
-        width = max(2, round(size * rng.uniform(0.04, 0.055)))
-        segment = size * rng.uniform(0.5, 0.8) / 4
-        point = rng.uniform(0.2, 0.8, size=2) * size
+        # Non-square images: widths scale with the mean side, lengths with the long one, so areas stay 3-15 %.
+        width = max(2, round(math.sqrt(shape[0] * shape[1]) * rng.uniform(0.04, 0.055)))
+        segment = max(shape) * rng.uniform(0.5, 0.8) / 4
+        point = rng.uniform(0.2, 0.8, size=2) * extent
         heading = rng.uniform(0, 2 * math.pi)
         points = [tuple(point)]
         for _ in range(4):
             heading += rng.normal(0.0, 0.25)  # gentle curvature
-            point = np.clip(point + segment * np.array([math.cos(heading), math.sin(heading)]), 0, size - 1)
+            step = segment * np.array([math.cos(heading), math.sin(heading)])
+            point = np.clip(point + step, 0, extent - 1)
             points.append(tuple(point))
         draw.line(points, fill=255, width=width, joint="curve")
     return np.asarray(canvas) > 0
 
 
-def _scratch_content(rng: np.random.Generator, size: int, image: np.ndarray) -> np.ndarray:
+def _scratch_content(rng: np.random.Generator, shape: tuple[int, int], image: np.ndarray) -> np.ndarray:
     level = rng.uniform(0.88, 0.97) if rng.random() < 0.5 else rng.uniform(0.06, 0.15)
     return np.clip(level + rng.normal(0.0, 0.02, size=image.shape), 0, 1)
 
 
-def _blob_mask(rng: np.random.Generator, size: int) -> np.ndarray:
-    canvas = Image.new("L", (size, size), 0)
+def _blob_mask(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    canvas = Image.new("L", (shape[1], shape[0]), 0)
     draw = ImageDraw.Draw(canvas)
     for _ in range(int(rng.integers(1, 3))):
-        radius = size * rng.uniform(0.08, 0.14)
-        centre = rng.uniform(radius, size - radius, size=2)
+        radius = math.sqrt(shape[0] * shape[1]) * rng.uniform(0.08, 0.14)
+        centre = rng.uniform(radius, np.array(shape[::-1]) - radius, size=2)  # (x, y)
         n_vertices = int(rng.integers(10, 18))
         angles = np.sort(rng.uniform(0, 2 * math.pi, n_vertices))
         radii = radius * (1 + rng.uniform(-0.3, 0.3, n_vertices))
@@ -242,24 +263,24 @@ def _blob_mask(rng: np.random.Generator, size: int) -> np.ndarray:
 _SPOT_COLOURS = np.array([[0.18, 0.11, 0.07], [0.20, 0.45, 0.22], [0.22, 0.30, 0.60], [0.78, 0.20, 0.15]])
 
 
-def _spot_content(rng: np.random.Generator, size: int, image: np.ndarray) -> np.ndarray:
+def _spot_content(rng: np.random.Generator, shape: tuple[int, int], image: np.ndarray) -> np.ndarray:
     colour = _SPOT_COLOURS[rng.integers(len(_SPOT_COLOURS))] + rng.uniform(-0.04, 0.04, size=3)
-    grain = 1 + 0.08 * rng.standard_normal((size, size, 1))
+    grain = 1 + 0.08 * rng.standard_normal((*shape, 1))
     return np.clip(colour * grain, 0, 1)
 
 
-def _patch_mask(rng: np.random.Generator, size: int) -> np.ndarray:
-    height, width = (size * rng.uniform(0.2, 0.34, size=2)).round().astype(int)
-    top, left = rng.integers(0, size - height), rng.integers(0, size - width)
-    mask = np.zeros((size, size), dtype=bool)
+def _patch_mask(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    height, width = (np.array(shape) * rng.uniform(0.2, 0.34, size=2)).round().astype(int)
+    top, left = rng.integers(0, shape[0] - height), rng.integers(0, shape[1] - width)
+    mask = np.zeros(shape, dtype=bool)
     mask[top : top + height, left : left + width] = True
     return mask
 
 
-def _patch_content(rng: np.random.Generator, size: int, image: np.ndarray) -> np.ndarray:
-    period = size / 16 * rng.choice([0.5, 2.0])
+def _patch_content(rng: np.random.Generator, shape: tuple[int, int], image: np.ndarray) -> np.ndarray:
+    period = min(shape) / 16 * rng.choice([0.5, 2.0])
     angle = math.radians(rng.uniform(30, 60))
-    texture = weave(size, period, angle, rng.uniform(0, 2 * math.pi, size=2))
+    texture = weave(shape, period, angle, rng.uniform(0, 2 * math.pi, size=2))
     shifted = np.array([0.58, 0.46, 0.34])[::-1] + rng.uniform(
         -0.05, 0.05, size=3
     )  # a blue-grey instead of tan
@@ -283,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-train", type=int, default=60)
     parser.add_argument("--n-test-good", type=int, default=12)
     parser.add_argument("--n-test-defect", type=int, default=24)
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, nargs="+", default=[256], help="side, or height width")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     args = parser.parse_args(argv)
@@ -294,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_train=args.n_train,
             n_test_good=args.n_test_good,
             n_test_defect=args.n_test_defect,
-            image_size=args.image_size,
+            image_size=args.image_size[0] if len(args.image_size) == 1 else args.image_size,
             seed=args.seed,
             overwrite=args.overwrite,
         )

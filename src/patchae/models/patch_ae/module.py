@@ -76,6 +76,8 @@ class PatchAEModule(AnomalyModule):
         top_k: float = 0.01,
         reweight_neighbors: int = 9,
         val_bank_size: int = 20000,
+        resize_mode: str = "squash",  # preprocessing, saved for predict.py (see ImageTransform)
+        tiling: dict | None = None,  # data.tiling: {tile, stride} (see patchae.tiling)
     ) -> None:
         super().__init__(
             num_neighbors,
@@ -90,6 +92,7 @@ class PatchAEModule(AnomalyModule):
             top_k=top_k,
             reweight_neighbors=reweight_neighbors,
             val_bank_size=val_bank_size,
+            tiling=tiling,
         )
         # Everything, preprocessing included, goes into the checkpoint so a saved model predicts on its own.
         self.save_hyperparameters()

@@ -55,6 +55,8 @@ class PatchCoreModule(AnomalyModule):
         crop_size: int | None = 224,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
+        resize_mode: str = "squash",  # preprocessing, saved for predict.py (see ImageTransform)
+        tiling: dict | None = None,  # data.tiling: {tile, stride} (see patchae.tiling)
     ) -> None:
         super().__init__(
             num_neighbors,
@@ -68,6 +70,7 @@ class PatchCoreModule(AnomalyModule):
             image_score="reweight" if reweight else image_score,
             top_k=top_k,
             reweight_neighbors=reweight_neighbors,
+            tiling=tiling,
         )
         self.save_hyperparameters()
         if len(layers) < 1:
