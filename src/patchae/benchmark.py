@@ -1,4 +1,5 @@
-"""Benchmark: run (or collect) Patch AE and PatchCore on many categories and write one comparison table.
+"""Benchmark: run (or collect) Patch AE, PatchCore, SSL-AE and DAAD (``--models``, any conf/model name) on many
+categories and write one comparison table.
 
     python -m patchae.benchmark run --categories bottle data.root=../shared/data/mvtec_ad backbone=efficientnet_lite0
     python -m patchae.benchmark collect multirun/2026-01-01_12-00-00   # any runs with a results.json
@@ -29,6 +30,7 @@ from typing import Any
 import yaml
 
 from patchae.errors import PatchAEError
+from patchae.resume import complete_results
 
 # Published image-level AUROC (%) per MVTec AD category, in MVTec order: Table 1 of Cui, Liu, Lian,
 # "Patch-wise Auto-Encoder for Visual Anomaly Detection", ICIP 2023, arXiv:2308.00429 (its "Patch AE" and
@@ -82,9 +84,14 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("peak_memory_mb", "peak MB", "memory"),
 )
 PAPER_COLUMNS = (("paper_patch_ae", "paper Patch AE %"), ("paper_patchcore", "paper PatchCore %"))
-MODEL_NAMES = {"PatchAEModule": "Patch AE", "PatchCoreModule": "PatchCore"}
+MODEL_NAMES = {
+    "PatchAEModule": "Patch AE",
+    "PatchCoreModule": "PatchCore",
+    "SSLAEModule": "SSL-AE",
+    "DAADModule": "DAAD",
+}
 # Overrides that never name a method: they are the table's rows, or the method's own name.
-NOT_A_VARIANT = ("category", "model", "seed")
+NOT_A_VARIANT = ("category", "model", "seed", "resume", "ckpt_path")
 MEAN = "mean"
 RESULT_FILES = ("benchmark.md", "benchmark.csv", "benchmark.png")
 
@@ -621,20 +628,36 @@ def run(
     seeds: int = 1,
     parallel: int = 1,
     sweep: str | None = None,
+    skip_finished: bool = False,
 ) -> list[Row]:
     jobs = job_commands(categories, models, overrides, out, seeds=seeds, sweep=sweep)
     check_overrides(models, overrides)
+    if skip_finished:
+        jobs = unfinished_jobs(jobs)
     if dry_run:
         for _, _, command in jobs:
             print(" ".join(command))
         return []
     failed = run_jobs(jobs, parallel)
-    if len(failed) == len(jobs):
+    if jobs and len(failed) == len(jobs):
         raise PatchAEError(f"every job failed; see the console.log files under {out}")
     rows = collect([out])
     if failed:
         print(f"{len(failed)} of {len(jobs)} jobs failed: {', '.join(failed)}", file=sys.stderr)
     return rows
+
+
+def unfinished_jobs(jobs: Sequence[tuple[str, Path, list[str]]]) -> list[tuple[str, Path, list[str]]]:
+    """The jobs without a complete results.json (:func:`patchae.resume.complete_results`), each with
+    ``resume=true`` so that one interrupted during its fit continues from its last checkpoint."""
+    pending = [
+        (name, run_dir, [*command, "resume=true"])
+        for name, run_dir, command in jobs
+        if complete_results(run_dir) is None
+    ]
+    if len(pending) < len(jobs):
+        print(f"--skip-finished: {len(jobs) - len(pending)} of {len(jobs)} jobs are complete, not run again")
+    return pending
 
 
 def parse_list(text: str, everything: Sequence[str] = ()) -> list[str]:
@@ -661,6 +684,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run_parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     run_parser.add_argument(
+        "--skip-finished",
+        action="store_true",
+        help="re-run into the same --out: skip the jobs whose results.json is complete, resume the others",
+    )
+    run_parser.add_argument(
         "overrides", nargs="*", help="Hydra overrides for every job, e.g. data.root=... backbone=..."
     )
     collect_parser = commands.add_parser("collect", help="tabulate finished runs (results.json files)")
@@ -683,6 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.seeds,
                 args.jobs,
                 args.sweep,
+                args.skip_finished,
             )
         else:
             collect(args.directories or [latest_multirun()], args.out)

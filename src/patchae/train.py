@@ -19,7 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from patchae.callbacks import ResultsWriter
+from patchae.checkpoints import load_checkpoint
 from patchae.errors import PatchAEError
+from patchae.resume import checkpoint_to_resume, complete_results, mark_complete, remove_last_checkpoint
 from patchae.wandb_media import finish_wandb_run
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ def run_metadata(cfg: DictConfig, model: L.LightningModule) -> dict[str, Any]:
     return {
         "category": cfg.category,
         "model": type(model).__name__,
-        "backbone": cfg.backbone.name,
+        "backbone": model.hparams.get("backbone", cfg.backbone.name),  # "scratch" for SSL-AE and DAAD
         "layers": "+".join(str(layer) for layer in cfg.backbone.layers),
         "alpha": model.hparams.get("alpha"),  # None for models without the Patch AE loss (PatchCore)
         "experiment": cfg.experiment_name,
@@ -88,6 +90,10 @@ def print_results(results: dict[str, Any]) -> None:
 def fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
         raise PatchAEError(f"seed={cfg.seed} must be an integer in [0, 2^32)")
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("resume") and (done := complete_results(output_dir)) is not None:
+        log.info("resume=true: %s holds a complete run, skipped", output_dir)
+        return done
     L.seed_everything(cfg.seed, workers=True)
     try:
         datamodule, model, trainer = build(cfg)
@@ -102,22 +108,16 @@ def fit_and_test(cfg: DictConfig) -> dict[str, Any]:
             raise cause from None
         # Anything else is most often a config key the target does not take: say which and why.
         raise PatchAEError(f"{str(error).splitlines()[0]} {error.__cause__!r}") from None
-    output_dir = Path(cfg.paths.output_dir)
+    resume_from = checkpoint_to_resume(trainer, bool(cfg.get("resume")), cfg.get("ckpt_path"))
     metadata = run_metadata(cfg, model)
     for callback in trainer.callbacks:
         if isinstance(callback, ResultsWriter):
             callback.metadata.update(metadata)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    if validates(cfg, model, datamodule) and cfg.validation.before_training:
+    if validates(cfg, model, datamodule) and cfg.validation.before_training and resume_from is None:
         trainer.validate(model, datamodule=datamodule, verbose=False)  # epoch 0: the untrained encoder
-    trainer.fit(model, datamodule=datamodule)
-    if trainer.world_size > 1:
-        log.warning(
-            "testing on %d devices: each scores its share of the test split and the metrics are not gathered, "
-            "so results.json holds this device's share; score the whole split with predict.py on one device",
-            trainer.world_size,
-        )
+    fit(trainer, model, datamodule, resume_from)
     trainer.test(model, datamodule=datamodule, verbose=False)
     # Saved after testing so that what the test learns (thresholds) travels with the model.
     trainer.save_checkpoint(output_dir / "model.ckpt")
@@ -126,9 +126,31 @@ def fit_and_test(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(callback, ResultsWriter):
             results.update(getattr(callback, "results", {}))
     results["run_dir"] = str(output_dir)
-    print_results(results)
-    log.info("results, checkpoint and overlays in %s", output_dir)
+    if trainer.is_global_zero:
+        mark_complete(output_dir)  # the last step: what resume=true and --skip-finished look for
+        remove_last_checkpoint(trainer)
+        print_results(results)  # once, not by every DDP process (all hold the gathered results)
+        log.info("results, checkpoint and overlays in %s", output_dir)
     return results
+
+
+def fit(
+    trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule, resume_from: Path | None
+) -> None:
+    """``trainer.fit``, continuing from ``resume_from`` (read weights-only) when given."""
+    if resume_from is None:
+        trainer.fit(model, datamodule=datamodule)
+        return
+    load_checkpoint(resume_from)  # refuses a file that could run code, or a damaged one, with one line
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    except (KeyError, RuntimeError) as error:  # a checkpoint of another model or configuration
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        reason = lines[min(1, len(lines) - 1)][:200]  # a state-dict mismatch names the first differing key
+        raise PatchAEError(
+            f"cannot resume from {resume_from} ({reason}); it was written by a run with other settings: "
+            "resume with the same overrides as the interrupted run"
+        ) from None
 
 
 def user_message(error: PatchAEError) -> str:
