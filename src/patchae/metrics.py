@@ -17,6 +17,7 @@ from scipy import ndimage
 from torch import Tensor
 from torchmetrics.classification import BinaryAUROC, BinaryPrecisionRecallCurve
 
+from patchae.distributed import all_gather_objects, first_of_each, world_size
 from patchae.errors import PatchAEError
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,9 @@ class AnomalyMetrics:
     Pixel metrics use only images whose ground-truth mask is known (``has_mask``); an anomalous image
     without a mask file must be marked ``has_mask=False`` so its pixels are not counted as normal.
 
+    Under DDP every process updates with its share of the split (and its sampler's repeated samples):
+    :meth:`gather` then gives every process all samples, once each, in dataset order (``indices``).
+
     Args:
         fpr_limit: FPR bound of the AUPRO integral.
         pixel_thresholds: None for the exact pixel AUROC (sorts all pixels; fine up to ~10M pixels), or a
@@ -219,6 +223,9 @@ class AnomalyMetrics:
         self._labels: list[Tensor] = []
         self._maps: list[np.ndarray] = []
         self._masks: list[np.ndarray] = []
+        self._indices: list[Tensor] = []  # dataset index of every score ...
+        self._map_indices: list[Tensor] = []  # ... and of every map
+        self._indices_missing = False
 
     def update(
         self,
@@ -227,14 +234,23 @@ class AnomalyMetrics:
         anomaly_maps: Tensor | None = None,
         masks: Tensor | None = None,
         has_mask: Tensor | None = None,
+        indices: Tensor | None = None,
     ) -> None:
-        """Add a batch. Maps/masks are (B,H,W) or (B,1,H,W); masks non-zero = defect."""
+        """Add a batch. Maps/masks are (B,H,W) or (B,1,H,W); masks non-zero = defect. ``indices``: the
+        dataset index of each image, needed only by :meth:`gather` on several processes."""
         scores = image_scores.detach().flatten().to("cpu", torch.float64)
         batch_labels = labels.detach().flatten().to("cpu", torch.long)
         if scores.numel() != batch_labels.numel():
             raise ValueError(f"image_scores ({scores.numel()}) and labels ({batch_labels.numel()}) differ")
+        if indices is None:  # fine in one process, where arrival order is dataset order
+            self._indices_missing = True
+            start = sum(len(batch) for batch in self._indices)
+            batch_indices = torch.arange(start, start + scores.numel())
+        else:
+            batch_indices = indices.detach().flatten().to("cpu", torch.long)
         self._scores.append(scores)
         self._labels.append(batch_labels)
+        self._indices.append(batch_indices)
         if anomaly_maps is None or masks is None:
             return
         maps_np = _as_maps(anomaly_maps, "anomaly_maps").astype(np.float32, copy=False)
@@ -246,9 +262,51 @@ class AnomalyMetrics:
         if has_mask is not None:
             keep = has_mask.detach().flatten().cpu().numpy().astype(bool)
             maps_np, masks_np = maps_np[keep], masks_np[keep]
+            batch_indices = batch_indices[torch.from_numpy(keep)]
         if len(maps_np):
             self._maps.append(np.array(maps_np, dtype=np.float32, copy=True))
             self._masks.append(np.array(masks_np, copy=True))
+            self._map_indices.append(batch_indices)
+
+    def gather(self) -> None:
+        """On several processes (DDP): replace this process's share by every process's samples, each dataset
+        index once, in index order, so :meth:`compute` gives every process the metrics of the whole split.
+        A no-op in a single process."""
+        if world_size() == 1:
+            return
+        if self._indices_missing:
+            raise PatchAEError(
+                f"evaluating on {world_size()} processes needs the dataset index of every image "
+                "(an 'index' in each batch) to drop the sampler's repeated images; evaluate on one device"
+            )
+        state = (self._scores, self._labels, self._indices, self._maps, self._masks, self._map_indices)
+        shares = all_gather_objects(state)
+        scores, labels, indices = (
+            torch.cat([t for share in shares for t in share[i]] or [torch.empty(0)]) for i in range(3)
+        )
+        keep = first_of_each(indices.long())
+        self._scores, self._labels, self._indices = (
+            [scores[keep]],
+            [labels[keep].long()],
+            [indices[keep].long()],
+        )
+        # Maps one image each (sizes may differ between batches), then stacked again where they all agree.
+        maps = [image for share in shares for batch in share[3] for image in batch]
+        masks = [image for share in shares for batch in share[4] for image in batch]
+        map_indices = torch.cat(
+            [t for share in shares for t in share[5]] or [torch.empty(0, dtype=torch.long)]
+        )
+        keep = first_of_each(map_indices).tolist()
+        self._maps, self._masks = [maps[i][None] for i in keep], [masks[i][None] for i in keep]
+        self._map_indices = [map_indices[keep]]
+        if len({image.shape for image in self._maps}) == 1:
+            self._maps, self._masks = [np.concatenate(self._maps)], [np.concatenate(self._masks)]
+
+    def scores_and_labels(self) -> tuple[Tensor, Tensor]:
+        """All image scores (float64) and labels so far, in arrival order (dataset order after ``gather``)."""
+        if not self._scores:
+            return torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.long)
+        return torch.cat(self._scores), torch.cat(self._labels)
 
     def compute(self) -> dict[str, float]:
         """Return image_auroc, image_f1_max, image_f1_threshold, pixel_auroc and aupro (nan when undefined)."""
