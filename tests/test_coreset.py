@@ -1,0 +1,121 @@
+"""The coreset methods (``bank.coreset_method``: exact greedy, k-means-partitioned greedy) and their benchmark."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from patchae.callbacks import MemoryBankCallback
+from patchae.coreset_benchmark import BenchmarkConfig, format_results, main, run_benchmark
+from patchae.errors import PatchAEError
+from patchae.memory import greedy_coreset
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def clustered(num: int, dim: int, seed: int, clusters: int = 50) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.randn(clusters, dim, generator=generator) * 3
+    assignment = torch.randint(clusters, (num,), generator=generator)
+    return centers[assignment] + 0.5 * torch.randn(num, dim, generator=generator)
+
+
+def covering_radius(points: torch.Tensor, subset: torch.Tensor) -> float:
+    return float(torch.cdist(points, points[subset]).min(dim=1).values.max())
+
+
+def partitioned(features: torch.Tensor, **kwargs) -> torch.Tensor:
+    return greedy_coreset(features, method="partitioned", **kwargs)
+
+
+class TestPartitioned:
+    @pytest.mark.parametrize(("dim", "seed"), [(8, 0), (16, 1), (64, 2)])
+    def test_coverage_within_five_percent_of_exact_greedy(self, dim: int, seed: int) -> None:
+        points = clustered(4000, dim, seed)
+        exact = covering_radius(points, greedy_coreset(points, size=400, projection_dim=None, seed=seed))
+        fast = covering_radius(
+            points, partitioned(points, size=400, projection_dim=None, seed=seed, part_size=500)
+        )
+        rows = torch.randperm(4000, generator=torch.Generator().manual_seed(seed))[:400]
+        assert fast <= 1.05 * exact
+        assert fast < covering_radius(points, rows)  # and better than a random subset
+
+    def test_a_bank_of_one_part_is_exact_greedy(self) -> None:
+        features = torch.randn(800, 200)
+        expected = greedy_coreset(features, size=80, seed=5)
+        assert torch.equal(partitioned(features, size=80, seed=5, part_size=1000), expected)
+
+    def test_deterministic_under_seed(self) -> None:
+        features = clustered(4000, 16, seed=0)
+        first = partitioned(features, ratio=0.1, seed=3, part_size=500)
+        assert torch.equal(first, partitioned(features, ratio=0.1, seed=3, part_size=500))
+        assert not torch.equal(first, partitioned(features, ratio=0.1, seed=4, part_size=500))
+
+    def test_exact_size_unique_rows_and_progress(self) -> None:
+        features = torch.randn(100, 12).repeat(30, 1)  # 3000 rows, only 100 distinct
+        calls: list[tuple[int, int]] = []
+        indices = partitioned(features, size=250, part_size=300, progress=lambda *call: calls.append(call))
+        assert indices.shape == (250,) and indices.unique().numel() == 250
+        assert 0 <= int(indices.min()) and int(indices.max()) < 3000
+        assert torch.unique(features[indices], dim=0).shape[0] == 100  # every distinct row is covered
+        assert calls[-1] == (250, 250) and 90 <= len(calls) <= 130
+
+    def test_unknown_method_is_a_user_error(self) -> None:
+        message = (
+            "bank.coreset_method must be one of greedy, partitioned, got 'fast'; "
+            "use greedy (exact) or partitioned (fast on millions of vectors)"
+        )
+        with pytest.raises(PatchAEError) as error:
+            greedy_coreset(torch.randn(10, 4), ratio=0.5, method="fast")
+        assert str(error.value) == message
+        with pytest.raises(PatchAEError, match="^bank.coreset_method must be one of"):
+            MemoryBankCallback(coreset_method="fast")  # before training, not after
+
+    @pytest.mark.parametrize("part_size", [0, -3, 2.5])
+    def test_bad_part_size_is_a_user_error(self, part_size: object) -> None:
+        with pytest.raises(
+            PatchAEError, match=f"^bank.coreset_part_size must be a positive integer, got {part_size}$"
+        ):
+            MemoryBankCallback(coreset_method="partitioned", coreset_part_size=part_size)  # type: ignore[arg-type]
+
+    def test_config_keys_reach_the_callback(self) -> None:
+        overrides = ["bank.coreset_method=partitioned", "bank.coreset_part_size=4096"]
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("train", overrides=overrides)
+        callback = instantiate(cfg.callbacks.memory_bank)
+        assert (callback.coreset_method, callback.coreset_part_size) == ("partitioned", 4096)
+
+
+class TestCoresetBenchmark:
+    def test_rows_time_and_coverage_against_exact(self) -> None:
+        cfg = BenchmarkConfig(size=4000, dim=8, part_sizes=[500], threads=1, exact_max_rows=5000)
+        results = run_benchmark(cfg)
+        assert (results["vectors"], results["coreset"], results["coverage_over"]) == (4000, 400, 4000)
+        fast, exact = results["rows"]
+        assert (fast["method"], fast["part_size"], exact["method"]) == ("partitioned", 500, "greedy")
+        assert exact["max_vs_exact"] == 1.0
+        assert fast["max_vs_exact"] == pytest.approx(fast["coverage"]["max"] / exact["coverage"]["max"])
+        assert 0 < exact["coverage"]["mean"] < exact["coverage"]["max"]
+        assert fast["seconds"] > 0 and not exact["estimated"]
+        table = format_results(results).splitlines()
+        assert table[2].startswith("partitioned (500)") and table[3].startswith("greedy ")
+
+    def test_exact_greedy_is_estimated_above_its_limit(self) -> None:
+        cfg = BenchmarkConfig(
+            size=3000, dim=8, methods=["greedy"], threads=1, exact_max_rows=1000, probe_steps=40
+        )
+        cfg.coverage_rows = 500
+        (row,) = run_benchmark(cfg)["rows"]
+        assert row["estimated"] and row["coverage"] is None and row["seconds"] > 0
+
+    def test_missing_features_file_is_one_line(self, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        with pytest.raises(SystemExit):
+            main([f"features={tmp_path / 'none.pt'}"])
+        assert capsys.readouterr().err == (
+            f"error: features={tmp_path / 'none.pt'} does not exist; give a saved (N, D) tensor, "
+            "or data_root to embed one\n"
+        )
