@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-inference clean
+.PHONY: install demo test lint bench bench-inference bench-coreset bench-speed clean
 
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -34,6 +34,20 @@ bench: install
 INFER_ARGS ?=
 bench-inference: install
 	$(PYTHON) -m patchae.inference_benchmark mode=all $(INFER_ARGS)
+
+# `make bench-speed`: Patch AE and PatchCore beside anomalib's PatchCore (same data, backbone, image and bank size):
+# coreset and fit seconds, model-time images/s (batch 1, 32; torch and ONNX Runtime), predict images/s, AUROC, peak
+# memory and a ratio column (outputs/speed/<time>/speed.md). Installs the `bench` extra (anomalib) first.
+SPEED_ARGS ?= root=data/mvtec_ad category=bottle
+bench-speed: install
+	$(PYTHON) -m pip install -q -e '.[bench]'
+	$(PYTHON) -m patchae.speed_benchmark $(SPEED_ARGS)
+
+# `make bench-coreset`: time and coverage of the coreset methods (exact greedy, partitioned) on 1M vectors: synthetic
+# by default; real ones with CORESET_ARGS="data_root=../shared/data/mvtec_ad category=bottle features=/tmp/bottle_8x.pt".
+CORESET_ARGS ?=
+bench-coreset: install
+	$(PYTHON) -m patchae.coreset_benchmark $(CORESET_ARGS)
 
 clean:
 	rm -rf outputs multirun data/synthetic .pytest_cache

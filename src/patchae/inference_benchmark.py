@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from patchae.data.transforms import ImageTransform
 from patchae.errors import PatchAEError
 from patchae.memory import MemoryBank, torch_nearest
 from patchae.models import AnomalyModule, PatchAEModule
@@ -97,17 +98,31 @@ def percentile(values: list[float], q: float) -> float:
 @torch.inference_mode()
 def time_batches(model: AnomalyModule, batch_size: int, iterations: int, warmup: int) -> dict[str, float]:
     """Timings of ``iterations`` forward passes of a random normalised batch (after ``warmup`` passes)."""
-    size = int(model.hparams.crop_size or model.hparams.image_size)
-    images = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0)).to(
-        model.device
-    )
-    cuda = model.device.type == "cuda"
+    shape = ImageTransform.from_hparams(model.hparams).output_shape
+    return time_scoring(lambda images: model(images)[1], shape, batch_size, iterations, warmup, model.device)
+
+
+@torch.inference_mode()
+def time_scoring(
+    score: Any,
+    size: int | tuple[int, int],
+    batch_size: int,
+    iterations: int,
+    warmup: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Timings of ``score(images)`` (anything returning the image scores) on a random normalised batch of
+    ``batch_size`` x 3 x ``size`` (an int: square, or (height, width)): images/s and p50/p95 latency per image
+    and per batch."""
+    height, width = (size, size) if isinstance(size, int) else size
+    images = torch.randn(batch_size, 3, height, width, generator=torch.Generator().manual_seed(0)).to(device)
+    cuda = torch.device(device).type == "cuda"
     latencies = []
     for step in range(warmup + iterations):
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        maps, scores = model(images)
+        scores = score(images)
         scores.cpu()  # the scores must actually be there
         if cuda:
             torch.cuda.synchronize()
@@ -281,7 +296,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
         results["model"] = {
             "checkpoint": cfg.ckpt,
             "backbone": subject.hparams.backbone,
-            "input_size": int(subject.hparams.crop_size or subject.hparams.image_size),
+            "input_size": "x".join(map(str, ImageTransform.from_hparams(subject.hparams).output_shape)),
             "bank_size": int(subject.memory_bank.shape[0]),
             "search": subject.hparams.search,
         }
