@@ -14,9 +14,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import run_tiny_sweep
+from dataset_fakes import FAKE_COPIES
 from patchae.callbacks import MemoryBankCallback, ResultsWriter
 from patchae.data import MVTEC_CATEGORIES
-from patchae.models import PatchAEModule, PatchCoreModule
+from patchae.models import DAADModule, PatchAEModule, PatchCoreModule, SSLAEModule
 from patchae.train import build
 from patchae.wandb_media import WandbMediaCallback
 
@@ -36,7 +37,7 @@ def write_images(folder: Path, count: int) -> None:
         Image.new("RGB", (32, 32), (40 * i, 80, 120)).save(folder / f"{i:03d}.png")
 
 
-def small_data(target: str, category: str, tmp_path: Path) -> list[str]:
+def small_data(target: str, category: str, tmp_path: Path, dataset: str | None = None) -> list[str]:
     """Overrides pointing the data module at a few images in tmp_path (build() checks the data exists)."""
     if target.endswith("MVTecDataModule"):
         write_images(tmp_path / "mvtec" / category / "train" / "good", 2)
@@ -52,6 +53,9 @@ def small_data(target: str, category: str, tmp_path: Path) -> list[str]:
     if target.endswith("FolderDataModule"):
         write_images(tmp_path / "normal", 4)
         return [f"data.normal_dir={tmp_path / 'normal'}"]
+    if target.endswith("PublicDataModule"):
+        fake_category, write = FAKE_COPIES[str(dataset)]
+        return [f"data.root={write(tmp_path / str(dataset))}", f"category={fake_category}"]
     raise AssertionError(f"no small data for {target}")
 
 
@@ -62,7 +66,11 @@ def compose_config(overrides: list[str], tmp_path: Path, hydra: bool = False):
             return compose("train", overrides=overrides, return_hydra_config=True)
         first = compose("train", overrides=overrides)
         cfg = compose(
-            "train", overrides=[*overrides, *small_data(first.data._target_, first.category, tmp_path)]
+            "train",
+            overrides=[
+                *overrides,
+                *small_data(first.data._target_, first.category, tmp_path, first.data.get("dataset")),
+            ],
         )
     if cfg.backbone.name in HUB_BACKBONES:
         cfg.backbone.pretrained = False
@@ -96,7 +104,7 @@ def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
     assert cfg.experiment_name == experiment
     datamodule, model, trainer = build(cfg)
     assert isinstance(datamodule, L.LightningDataModule)
-    assert isinstance(model, PatchAEModule | PatchCoreModule)
+    assert isinstance(model, PatchAEModule | PatchCoreModule | SSLAEModule | DAADModule)
     assert isinstance(trainer, L.Trainer)
     kinds = [type(callback) for callback in trainer.callbacks]
     # The bank is built before the results writer stops the clock, and W&B media read the results writer.
@@ -122,7 +130,13 @@ def test_every_group_option_composes_and_instantiates(group, option, tmp_path):
     cfg = compose_config(overrides, tmp_path)
     datamodule, model, trainer = build(cfg)
     if group == "model":
-        assert type(model).__name__ == {"patch_ae": "PatchAEModule", "patchcore": "PatchCoreModule"}[option]
+        names = {
+            "patch_ae": "PatchAEModule",
+            "patchcore": "PatchCoreModule",
+            "ssl_ae": "SSLAEModule",
+            "daad": "DAADModule",
+        }
+        assert type(model).__name__ == names[option]
     if group == "logger":
         assert len(trainer.loggers) == (0 if option == "none" else 1)
     if group == "trainer" and option == "ddp":

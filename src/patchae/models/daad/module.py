@@ -1,0 +1,127 @@
+"""DAAD's Lightning wrapper: adversarial training of the block-wise-memory autoencoder, scoring by its error
+and by the discriminator's features."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from patchae.errors import PatchAEError
+from patchae.models.daad.network import DAADNetwork, Discriminator
+from patchae.models.reconstruction import ReconstructionModule, squared_error_map
+
+
+class DAADModule(ReconstructionModule):
+    """DAAD: the autoencoder learns to rebuild normal images (L2) through its block-wise memories while a
+    discriminator learns to tell input from reconstruction, and the autoencoder to fool it; a small entropy
+    penalty keeps the memory addressing sparse. Anomaly map: the squared reconstruction error plus the squared
+    distance of the discriminator's features of input and reconstruction (upsampled), each standardised on
+    normal training images and weighted by ``reconstruction_weight`` / ``feature_weight``. Trains on clean
+    normal images (``augment=none``, set by the model's config)."""
+
+    term_names = ("reconstruction", "discriminator_features")
+
+    def __init__(
+        self,
+        channels: Sequence[int] = (16, 32, 64, 128, 256),
+        block_sizes: Sequence[int] = (8, 4, 4, 2, 1),
+        memory_items: int = 100,
+        temperature: float = 0.1,
+        discriminator_width: int = 32,
+        adversarial_weight: float = 0.01,
+        entropy_weight: float = 2e-4,
+        reconstruction_weight: float = 1.0,
+        feature_weight: float = 1.0,
+        lr: float = 3e-3,
+        discriminator_lr: float = 1e-4,
+        backbone: str = "scratch",
+        encoder_layers: Sequence[int] = (0, 1, 2, 3),
+        pretrained: bool = True,
+        weights: str | None = None,
+        encoder_lr: float = 1e-4,
+        blur_sigma: float = 4.0,
+        threshold_method: str = "f1",
+        threshold_quantile: float = 0.99,
+        threshold_value: float | None = None,
+        image_score: str = "max",
+        top_k: float = 0.01,
+        image_size: int = 256,
+        crop_size: int | None = None,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        resize_mode: str = "squash",  # preprocessing, saved for predict.py (see ImageTransform)
+    ) -> None:
+        super().__init__(
+            (reconstruction_weight, feature_weight),
+            blur_sigma,
+            threshold_method,
+            threshold_quantile,
+            threshold_value,
+            image_score,
+            top_k,
+        )
+        self.save_hyperparameters()
+        if min(adversarial_weight, entropy_weight) < 0:
+            raise PatchAEError("model.adversarial_weight and model.entropy_weight must be >= 0")
+        self.automatic_optimization = False  # two optimisers, stepped in turn
+        self.model = DAADNetwork(channels, block_sizes, memory_items, temperature, self.build_encoder())
+        self.discriminator = Discriminator(discriminator_width)
+
+    def error_terms(self, images: torch.Tensor) -> torch.Tensor:
+        self.model.check_input(images)
+        reconstruction = self.model(images)
+        _, real = self.discriminator(images)
+        _, fake = self.discriminator(reconstruction)
+        features = (real - fake).pow(2).mean(dim=1, keepdim=True)
+        features = F.interpolate(features, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.cat([squared_error_map(images, reconstruction).unsqueeze(1), features], dim=1)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        images = batch["image"]
+        self.model.check_input(images)
+        ae_optimizer, discriminator_optimizer = self.optimizers()
+        reconstruction = self.model(images)
+        entropy = self.model.entropy()
+
+        # Discriminator: inputs are real, reconstructions fake.
+        real_logits, _ = self.discriminator(images)
+        fake_logits, _ = self.discriminator(reconstruction.detach())
+        discriminator_loss = F.binary_cross_entropy_with_logits(
+            real_logits, torch.ones_like(real_logits)
+        ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+        discriminator_optimizer.zero_grad()
+        self.manual_backward(discriminator_loss)
+        discriminator_optimizer.step()
+
+        # Autoencoder: rebuild the input, fool the discriminator, address few memory items.
+        fooled_logits, _ = self.discriminator(reconstruction)
+        reconstruction_loss = F.mse_loss(reconstruction, images)
+        adversarial_loss = F.binary_cross_entropy_with_logits(fooled_logits, torch.ones_like(fooled_logits))
+        loss = (
+            reconstruction_loss
+            + self.hparams.adversarial_weight * adversarial_loss
+            + self.hparams.entropy_weight * entropy
+        )
+        ae_optimizer.zero_grad()
+        self.manual_backward(loss)
+        ae_optimizer.step()
+
+        size = images.shape[0]
+        self.log(
+            "train/loss", reconstruction_loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size
+        )
+        self.log("train/discriminator_loss", discriminator_loss, on_epoch=True, batch_size=size)
+        self.log("train/memory_entropy", entropy, on_epoch=True, batch_size=size)
+        return loss
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        # Adam with beta1 = 0.5, the usual choice for adversarial training.
+        return [
+            torch.optim.Adam(self.parameter_groups(self.model), betas=(0.5, 0.999)),
+            torch.optim.Adam(
+                self.discriminator.parameters(), lr=self.hparams.discriminator_lr, betas=(0.5, 0.999)
+            ),
+        ]

@@ -1,0 +1,28 @@
+"""SSL-AE's network: a convolutional autoencoder that rebuilds the clean normal image from a corrupted one.
+
+Bauer et al. do not publish their layers; this framework's choice is the U-Net-shaped autoencoder of
+:mod:`patchae.models.reconstruction` with skip connections at every scale: the corruption objective (inpaint
+what was replaced, keep what was not) stops the skips from becoming an identity map, and they keep the
+reconstruction of normal detail sharp, so the error concentrates on what does not look normal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from patchae.models.reconstruction import EncoderDecoder
+
+
+class SSLAutoencoder(EncoderDecoder):
+    """The denoising autoencoder; ``skips=False`` makes it a plain bottleneck autoencoder, ``encoder`` (a
+    :func:`patchae.models.reconstruction.pretrained_encoder`) replaces levels 1 and deeper."""
+
+    def __init__(
+        self,
+        channels: Sequence[int] = (16, 32, 64, 128, 256),
+        skips: bool = True,
+        encoder: nn.Module | None = None,
+    ) -> None:
+        super().__init__(channels, skips=skips, encoder=encoder)

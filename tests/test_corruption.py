@@ -1,0 +1,100 @@
+"""SSL-AE's corruption: exact masks, each kind of shape and fill, opacity, noise, determinism, bad settings."""
+
+import pytest
+import torch
+
+from patchae.data.corruption import FILLS, SHAPES, Corruption
+from patchae.errors import PatchAEError
+
+
+def picture(seed: int = 0, size: int = 48) -> torch.Tensor:
+    return torch.rand(3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_mask_is_exactly_the_changed_pixels(seed):
+    image = picture(seed)
+    out, mask = Corruption(noise_std=0.0)(image, torch.Generator().manual_seed(seed), source=picture(99))
+    assert mask.shape == (1, 48, 48) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(mask[0].bool(), (out != image).any(dim=0))
+    assert mask.sum() > 0
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fill", FILLS)
+def test_every_shape_and_fill_changes_exactly_its_mask(shape, fill):
+    corruption = Corruption(regions=(1, 1), shapes=(shape,), fills=(fill,), opacity=(1.0, 1.0), noise_std=0.0)
+    image = picture(1)
+    out, mask = corruption(image, torch.Generator().manual_seed(3), source=picture(2))
+    assert 0 < mask.sum() < 48 * 48
+    assert torch.equal(mask[0].bool(), (out != image).any(dim=0))
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_image_fill_copies_the_source_and_opacity_blends():
+    image, source = picture(1), torch.full((3, 48, 48), 0.25)
+    opaque = Corruption(regions=(1, 1), fills=("image",), opacity=(1.0, 1.0), noise_std=0.0)
+    out, mask = opaque(image, torch.Generator().manual_seed(5), source=source)
+    inside = mask[0].bool()
+    assert torch.all(out[:, inside] == 0.25)
+    half = Corruption(regions=(1, 1), fills=("image",), opacity=(0.5, 0.5), noise_std=0.0)
+    out, mask = half(image, torch.Generator().manual_seed(5), source=source)
+    inside = mask[0].bool()
+    assert torch.allclose(out[:, inside], 0.5 * 0.25 + 0.5 * image[:, inside])
+
+
+def test_noise_is_added_everywhere_but_not_to_the_mask():
+    image = torch.full((3, 64, 64), 0.5)
+    clean, clean_mask = Corruption(noise_std=0.0)(image, torch.Generator().manual_seed(4))
+    noisy, noisy_mask = Corruption(noise_std=0.05)(image, torch.Generator().manual_seed(4))
+    assert torch.equal(clean_mask, noisy_mask)  # the same regions: the noise is drawn after them
+    outside = ~clean_mask[0].bool()
+    difference = (noisy - image)[:, outside]
+    assert (difference != 0).float().mean() > 0.99
+    assert 0.045 < float(difference.std()) < 0.055
+
+
+def test_deterministic_under_a_seed():
+    image = picture(0)
+    first = Corruption()(image, torch.Generator().manual_seed(7))
+    again = Corruption()(image, torch.Generator().manual_seed(7))
+    other = Corruption()(image, torch.Generator().manual_seed(8))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+    assert torch.equal(Corruption(seed=3)(image)[0], Corruption(seed=3)(image)[0])
+
+
+def test_region_count_and_size_follow_the_settings():
+    image = picture(0, 64)
+    none = Corruption(regions=(0, 0), noise_std=0.0)(image, torch.Generator().manual_seed(0))
+    assert torch.equal(none[0], image) and none[1].sum() == 0
+    areas = [
+        Corruption(
+            regions=(1, 1), shapes=("rectangle",), opacity=(1.0, 1.0), area_ratio=(0.04, 0.04), noise_std=0.0
+        )(image, torch.Generator().manual_seed(seed), source=picture(9, 64))[1].mean()
+        for seed in range(10)
+    ]
+    # 4 % of the image, less what falls off its border
+    assert max(areas) <= 0.05 and sum(areas) / len(areas) > 0.02
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"shapes": ("star",)},
+            "corruption.shapes=['star'] must be a non-empty list of rectangle, ellipse, blob",
+        ),
+        ({"fills": ()}, "corruption.fills=[] must be a non-empty list of image, texture, noise, color"),
+        (
+            {"opacity": (0.8, 0.2)},
+            "corruption.opacity=(0.8, 0.2) must be [low, high] with low <= high within [0.001, 1.0]",
+        ),
+        ({"noise_std": 1.5}, "corruption.noise_std=1.5 must be in [0, 1)"),
+        ({"regions": "x"}, "corruption.regions='x' must be two numbers [low, high]"),
+    ],
+)
+def test_bad_settings_say_what_to_change(settings, message):
+    with pytest.raises(PatchAEError) as error:
+        Corruption(**settings)
+    assert str(error.value) == message

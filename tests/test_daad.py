@@ -1,0 +1,122 @@
+"""DAAD: shapes, block-wise memories (convex combinations of their items), an end-to-end run on synthetic data,
+checkpoint reload, export."""
+
+import csv
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from checkpoint_fixture import train_tiny
+from patchae.errors import PatchAEError
+from patchae.export import export_model
+from patchae.models import DAADModule
+from patchae.models.daad import BlockMemory, DAADNetwork, Discriminator
+from patchae.predict import load_model
+from reconstruction_checks import TINY_RECONSTRUCTION, rescore_test_split
+
+SMALL = {"channels": (4, 8, 16), "block_sizes": (4, 2, 1), "memory_items": 10}
+
+
+def test_shapes():
+    model = DAADModule(**SMALL, discriminator_width=4)
+    images = torch.randn(2, 3, 32, 48)
+    assert model.model(images).shape == (2, 3, 32, 48)
+    logits, features = model.discriminator(images)
+    assert logits.shape == (2, 1, 4, 6) and features.shape == (2, 16, 4, 6)
+    assert model.error_terms(images).shape == (2, 2, 32, 48)
+    model.fit_normal_statistics([{"image": torch.randn(3, 3, 32, 32)}])
+    maps, scores = model(images)
+    assert maps.shape == (2, 32, 48) and scores.shape == (2,)
+
+
+def test_every_block_is_a_convex_combination_of_memory_items():
+    memory = BlockMemory(channels=3, block_size=4, items=7, temperature=0.5)
+    features = torch.randn(2, 3, 8, 12, generator=torch.Generator().manual_seed(0))
+    blocks, weights = memory.address(features)
+    assert blocks.shape == (2, 6, 48) and weights.shape == (2, 6, 7)
+    assert torch.all(weights >= 0) and torch.allclose(weights.sum(dim=-1), torch.ones(2, 6))
+    output = memory(features)
+    assert output.shape == features.shape
+    rebuilt = F.unfold(output, 4, stride=4).transpose(1, 2)  # (2, 6 blocks, 48)
+    assert torch.allclose(rebuilt, weights @ memory.memory, atol=1e-6)
+    # Block (0, 0) of image 0 is those 4 x 4 pixels of every channel, nothing else.
+    assert torch.allclose(output[0, :, :4, :4].reshape(-1), weights[0, 0] @ memory.memory, atol=1e-6)
+
+
+def test_an_input_equal_to_an_item_is_assembled_mostly_from_it():
+    memory = BlockMemory(channels=2, block_size=2, items=5, temperature=0.01)
+    item = memory.memory[3].detach()
+    features = item.view(1, 8, 1).expand(1, 8, 4)  # four identical blocks holding item 3
+    features = F.fold(features, (4, 4), 2, stride=2)
+    _, weights = memory.address(features)
+    assert torch.all(weights.argmax(dim=-1) == 3)
+
+
+def test_memories_on_every_skip_and_the_bottleneck():
+    network = DAADNetwork(**SMALL)
+    assert [m.block_size for m in network.level_modules] == [4, 2, 1]
+    assert all(m.memory.shape[0] == 10 for m in network.level_modules)
+    network(torch.randn(1, 3, 16, 16))
+    assert 0 < float(network.entropy()) <= torch.log(torch.tensor(10.0))
+
+
+def test_bad_block_settings_say_what_to_change():
+    with pytest.raises(PatchAEError) as error:
+        DAADNetwork(channels=(4, 8), block_sizes=(2,))
+    assert str(error.value) == "model.block_sizes=[2] needs one size per level of model.channels=[4, 8]"
+    with pytest.raises(PatchAEError) as error:
+        BlockMemory(3, 4, 5).address(torch.randn(1, 3, 6, 8))
+    assert str(error.value) == (
+        "a feature map of 6x8 cannot be divided into 4x4 blocks; change model.block_sizes or the image size"
+    )
+    with pytest.raises(PatchAEError, match="must be a multiple of 16"):
+        DAADModule(memory_items=2).error_terms(torch.randn(1, 3, 24, 24))  # 4 px blocks at stride 4: 16 px
+
+
+def test_discriminator_feature_term_is_zero_for_a_perfect_reconstruction():
+    model = DAADModule(**SMALL, discriminator_width=4)
+    model.model = torch.nn.Identity()
+    model.model.check_input = lambda images: None
+    terms = model.error_terms(torch.randn(1, 3, 32, 32))
+    assert torch.count_nonzero(terms) == 0
+    assert isinstance(model.discriminator, Discriminator)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_tiny(tmp_path_factory.mktemp("daad"), "model=daad", *TINY_RECONSTRUCTION)
+
+
+def test_end_to_end_on_synthetic_data(trained):
+    assert trained.results["model"] == "DAADModule" and trained.results["backbone"] == "scratch"
+    assert trained.results["image_auroc"] > 0.8
+    assert trained.results["pixel_auroc"] > 0.75
+
+
+def test_checkpoint_reload_scores_identically(trained):
+    model = load_model(trained.ckpt)
+    assert isinstance(model, DAADModule) and model.is_fitted
+    with (trained.ckpt.parent / "predictions.csv").open() as handle:
+        saved = {row["path"]: float(row["score"]) for row in csv.DictReader(handle)}
+    rescored = rescore_test_split(model, trained.cfg)
+    assert rescored.keys() == saved.keys()
+    assert max(abs(rescored[path] - saved[path]) for path in saved) < 1e-5
+
+
+def test_export_scores_like_the_checkpoint(trained, tmp_path):
+    result = export_model(trained.ckpt, output=tmp_path, format="both", check=True)
+    assert max(result["onnx_max_difference"].values()) < 1e-4
+    assert max(result["torchscript_max_difference"].values()) < 1e-4
+
+
+def test_pretrained_encoder_option():
+    model = DAADModule(
+        channels=(8,),
+        block_sizes=(4, 2, 2, 1, 1),
+        memory_items=4,
+        backbone="tf_efficientnet_lite0",
+        pretrained=False,
+    )
+    assert [m.memory.shape[1] for m in model.model.level_modules] == [8 * 16, 16 * 4, 24 * 4, 40, 112]
+    assert model.model(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
