@@ -4,10 +4,11 @@
 conf/predict.yaml). The checkpoint holds everything needed (weights, memory bank, preprocessing, the
 calibrated threshold), so no training data is read.
 
-Preprocessing is the one the model was tested with (resize to ``image_size``, centre crop to ``crop_size``,
-normalise), so scores are comparable with the calibrated threshold. The anomaly map is brought back to the
-image's original size; with a centre crop, the cropped-away border was never scored and is filled with the
-map's minimum (it shows as "least anomalous", it is not evidence of normality).
+Preprocessing is the one the model was tested with (resize to ``image_size``, squashed or keeping the aspect
+ratio and padded, centre crop to ``crop_size``, normalise), so scores are comparable with the calibrated
+threshold. The anomaly map is brought back to the image's original size (padding dropped); with a centre crop,
+the cropped-away border was never scored and is filled with the map's minimum (it shows as "least anomalous",
+it is not evidence of normality).
 
 One unreadable file never stops a run: it is reported (console, ``predictions.csv``, ``summary.json``) and
 the other images are processed.
@@ -27,7 +28,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,15 +36,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFont
 
+from patchae.checkpoints import load_checkpoint
 from patchae.data import IMAGE_EXTENSIONS, ImageTransform, load_rgb
 from patchae.data.images import is_image_file
 from patchae.errors import PatchAEError, finite_number
 from patchae.models import AnomalyModule, PatchAEModule
 from patchae.models.base import CHECKPOINT_KEY
+from patchae.runtime import OnnxScorer, check_runtime, onnx_file
 from patchae.thresholds import Thresholds
 from patchae.visualize import heatmap
 
@@ -82,17 +84,12 @@ def set_threads(threads: int) -> None:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The raw checkpoint dict (memory-mapped, so reading it costs little), with one-line errors."""
+    """The raw checkpoint dict (memory-mapped, so reading it costs little), with one-line errors.
+
+    Read weights-only (:mod:`patchae.checkpoints`): a file that holds anything but tensors and plain values is
+    refused, so opening a model.ckpt never runs code."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise PatchAEError(f"checkpoint {path} not found; pass ckpt=<run dir>/model.ckpt written by train.py")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:  # torch raises many kinds for foreign or damaged files
-        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
-        raise PatchAEError(
-            f"cannot read checkpoint {path} ({reason}); it is damaged or not a PyTorch file: use a model.ckpt written by train.py"
-        ) from None
+    checkpoint = load_checkpoint(path)
     if (
         not isinstance(checkpoint, dict)
         or "state_dict" not in checkpoint
@@ -109,7 +106,10 @@ def checkpoint_class(checkpoint: dict[str, Any], path: Path) -> type[AnomalyModu
     name = checkpoint.get(CHECKPOINT_KEY, {}).get("model_class")
     if name is None:
         return PatchAEModule
-    module_name, _, class_name = name.rpartition(".")
+    module_name, _, class_name = str(name).rpartition(".")
+    # Importing whatever module a file names could run that module's import-time code.
+    if module_name.split(".")[0] != "patchae":
+        raise PatchAEError(f"checkpoint {path} names {name}, which is not a patchae model; refused")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError):
@@ -141,7 +141,7 @@ def load_model(path: str | Path, device: str = "cpu", **overrides: Any) -> Anoma
         if key in hparams and value is not None
     }
     try:
-        model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=False, **kwargs)
+        model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, **kwargs)
     except RuntimeError as error:
         first = str(error).splitlines()
         detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first else "")[:160]
@@ -150,7 +150,7 @@ def load_model(path: str | Path, device: str = "cpu", **overrides: Any) -> Anoma
             f"layers {hparams.get('layers')} ({detail}); it was saved from another model/backbone than its settings say: "
             "retrain, or use the model.ckpt of the matching run"
         ) from None
-    if not model.has_memory_bank:
+    if not model.is_fitted:  # no memory bank (or, for reconstruction models, no normal statistics) yet
         raise PatchAEError(
             f"checkpoint {path} has no memory bank (saved before the end of training); use the model.ckpt a finished run wrote"
         )
@@ -284,7 +284,7 @@ class Prediction:
 @dataclass
 class LoadedImage:
     path: str
-    tensor: torch.Tensor | None = None  # normalised (3, S, S) model input
+    tensor: torch.Tensor | None = None  # normalised (3, H, W) model input
     size: tuple[int, int] = (0, 0)  # original (height, width)
     pixels: np.ndarray | None = None  # original RGB, when overlays are wanted
     error: str | None = None
@@ -328,6 +328,7 @@ class Predictor:
         batch_size: int = 32,
         num_workers: int = 2,
         keep_images: bool = False,
+        scorer: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise PatchAEError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -335,11 +336,12 @@ class Predictor:
             raise PatchAEError(f"num_workers must be an integer >= 0, got {num_workers!r}")
         self.model = model.eval()
         self.thresholds = pick_thresholds(thresholds if thresholds is not None else model.thresholds)
-        hparams = model.hparams
-        self.transform = ImageTransform(hparams.image_size, hparams.crop_size, hparams.mean, hparams.std)
+        self.transform = ImageTransform.from_hparams(model.hparams)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.keep_images = keep_images
+        self.scorer = scorer  # scores batches instead of the torch model (runtime=onnx)
+        self.runtime = "torch" if scorer is None else "onnx"
 
     @classmethod
     def from_checkpoint(
@@ -352,8 +354,15 @@ class Predictor:
         search: str | None = None,
         faiss_index: str | None = None,
         search_memory_mb: float | None = None,
+        runtime: str = "torch",
         **kwargs: Any,
     ) -> Predictor:
+        if check_runtime(runtime) == "onnx":
+            if device not in ("auto", "cpu"):
+                raise PatchAEError(
+                    f"runtime=onnx runs on the CPU; use device=cpu (or runtime=torch for {device})"
+                )
+            device = "cpu"
         torch_device = resolve_device(device)
         overrides = {"search": search, "faiss_index": faiss_index}
         if torch_device.type == "cpu":
@@ -364,6 +373,8 @@ class Predictor:
         thresholds = pick_thresholds(
             model.thresholds, threshold, threshold_method, threshold_quantile, f"checkpoint {ckpt}"
         )
+        if runtime == "onnx":
+            kwargs["scorer"] = OnnxScorer(onnx_file(ckpt))
         return cls(model, thresholds, **kwargs)
 
     @property
@@ -391,21 +402,17 @@ class Predictor:
     # -- scoring ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def score(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw maps (B, S, S) and image scores (B,) of a normalised (B, 3, S, S) batch."""
+        """Raw maps (B, H, W) and image scores (B,) of a normalised (B, 3, H, W) batch."""
+        if self.scorer is not None:
+            return self.scorer(batch)
         return self.model(batch.to(self.device, non_blocking=True))
 
     def to_original_size(self, anomaly_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """A model-input map (S, S) on the original (H, W) image: undo the centre crop, then the resize.
+        """A model-input map on the original (H, W) image: undo the centre crop, the padding, then the resize.
 
         The cropped-away border has no score; it takes the map's minimum.
         """
-        image_size, crop = self.transform.image_size, self.transform.crop_size
-        if crop is not None and crop < image_size:
-            offset = int(round((image_size - crop) / 2.0))  # as torchvision's center_crop
-            canvas = anomaly_map.new_full((image_size, image_size), float(anomaly_map.min()))
-            canvas[offset : offset + crop, offset : offset + crop] = anomaly_map
-            anomaly_map = canvas
-        return F.interpolate(anomaly_map[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        return self.transform.restore_map(anomaly_map, size)
 
     def _predict_loaded(self, loaded: Sequence[LoadedImage]) -> list[Prediction]:
         ready = [position for position, item in enumerate(loaded) if item.error is None]
@@ -550,6 +557,7 @@ def predict_to_folder(
     search_memory_mb: float | None = None,
     show_progress: bool = True,
     threads: int | None = None,
+    runtime: str = "torch",
 ) -> dict[str, Any]:
     """Predict every image ``input`` names and write, under ``output``: ``predictions.csv`` (one row per
     image), ``predictions.json`` (the same), ``summary.json``, ``overlays/<name>.png`` and, with
@@ -580,6 +588,7 @@ def predict_to_folder(
         batch_size=batch_size,
         num_workers=num_workers,
         keep_images=overlays,
+        runtime=runtime,
     )
     output.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -670,6 +679,7 @@ def summarize(
         "model": type(predictor.model).__name__,
         "backbone": hparams.get("backbone"),
         "device": str(predictor.device),
+        "runtime": predictor.runtime,
         "images": len(rows),
         "predicted": len(predicted),
         "anomalous": sum(row["decision"] == "anomalous" for row in predicted),
@@ -729,6 +739,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             search_memory_mb=cfg.search_memory_mb,
             show_progress=cfg.progress,
             threads=cfg.threads,
+            runtime=cfg.get("runtime", "torch"),
         )
     except PatchAEError as error:
         print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
