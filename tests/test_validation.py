@@ -146,21 +146,30 @@ def test_a_fit_that_ruins_the_encoder_keeps_the_untrained_weights(tmp_path) -> N
         "data.n_train=20",
         "threshold.holdout_ratio=0.3",
         "validation.monitor=val/pixel_auroc",  # steadier than the image AUROC of 6 held-out images
-        "optimizer.lr=1.0",  # Adam at rate 1 wrecks the pretrained backbone in a step
-        "optimizer.backbone_lr=1.0",
         f"paths.output_dir={tmp_path / 'run'}",
         f"data.root={tmp_path / 'data'}",
     ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     datamodule, model, trainer = build(cfg)
+
+    def wreck_the_backbone(*_) -> None:
+        # Training that surely hurts (a high learning rate did not, in every run): after each step every
+        # convolution of the backbone is zeroed, so its features carry no image content (the maps keep only
+        # border effects and rounding: 0.66-0.72 pixel AUROC measured, against 0.755 untrained).
+        with torch.no_grad():
+            for layer in model.model.backbone.modules():
+                if isinstance(layer, nn.Conv2d):
+                    layer.weight.zero_()
+
+    model.on_train_batch_end = wreck_the_backbone
     pretrained = {k: v.clone() for k, v in model.model.backbone.state_dict().items()}
     trainer.validate(model, datamodule=datamodule, verbose=False)
     trainer.fit(model, datamodule=datamodule)
     callback = next(c for c in trainer.callbacks if isinstance(c, BestEpochCallback))
     assert trainer.current_epoch == 2 and callback.last_epoch == 2  # it did train, and validated each epoch
     assert model.selected_epoch == 0
-    assert model.val_results["pixel_auroc"] > max(0.6, callback.last_results["pixel_auroc"] + 0.1)
+    assert model.val_results["pixel_auroc"] > max(0.6, callback.last_results["pixel_auroc"])
     assert all(torch.equal(v, model.model.backbone.state_dict()[k]) for k, v in pretrained.items())
     assert model.has_memory_bank  # built from the restored weights
     assert model.validation_summary()["selected_epoch"] == 0
