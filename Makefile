@@ -22,7 +22,8 @@ lint: install
 	$(PYTHON) -m ruff check src tests train.py predict.py export.py
 	$(PYTHON) -m ruff format --check src tests train.py predict.py export.py
 
-# `make bench`: Patch AE and PatchCore on every MVTec AD category under data/mvtec_ad, then one table
+# `make bench`: Patch AE, PatchCore, SSL-AE and DAAD (their CPU-sized experiments) on every MVTec AD category
+# under data/mvtec_ad, then one table
 # (multirun/benchmark_<time>/benchmark.{md,csv,png}). Pick categories, data and settings with BENCH_ARGS:
 #   make bench BENCH_ARGS="--categories bottle data.root=../shared/data/mvtec_ad backbone=efficientnet_lite0"
 BENCH_ARGS ?= --categories all

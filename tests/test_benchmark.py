@@ -167,6 +167,14 @@ def test_seed_and_sweep_jobs(tmp_path):
         benchmark.job_commands(["screw"], ["patch_ae"], [], tmp_path, seeds=0)
 
 
+def test_models_trained_from_scratch_get_their_cpu_schedule_unless_one_is_given(tmp_path) -> None:
+    jobs = benchmark.job_commands(["bottle"], ["patchcore", "ssl_ae", "daad"], [], tmp_path)
+    experiments = [[part for part in command if part.startswith("experiment=")] for _, _, command in jobs]
+    assert experiments == [[], ["experiment=ssl_ae_cpu"], ["experiment=daad_cpu"]]
+    jobs = benchmark.job_commands(["bottle"], ["daad"], ["experiment=daad_paper"], tmp_path)
+    assert [part for part in jobs[0][2] if part.startswith("experiment=")] == ["experiment=daad_paper"]
+
+
 def test_collect_writes_markdown_csv_and_plot(tmp_path):
     fake_run(tmp_path / "runs" / "a", ["model=patch_ae", "category=bottle"], image_auroc=0.995)
     fake_run(

@@ -1,19 +1,12 @@
-"""DAAD: shapes, block-wise memories (convex combinations of their items), an end-to-end run on synthetic data,
-checkpoint reload, export."""
-
-import csv
+"""DAAD: shapes, block-wise memories (convex combinations of their items); end to end in test_reconstruction_models."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint_fixture import train_tiny
 from patchae.errors import PatchAEError
-from patchae.export import export_model
 from patchae.models import DAADModule
 from patchae.models.daad import BlockMemory, DAADNetwork, Discriminator
-from patchae.predict import load_model
-from reconstruction_checks import TINY_RECONSTRUCTION, rescore_test_split
 
 SMALL = {"channels": (4, 8, 16), "block_sizes": (4, 2, 1), "memory_items": 10}
 
@@ -81,33 +74,6 @@ def test_discriminator_feature_term_is_zero_for_a_perfect_reconstruction():
     terms = model.error_terms(torch.randn(1, 3, 32, 32))
     assert torch.count_nonzero(terms) == 0
     assert isinstance(model.discriminator, Discriminator)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return train_tiny(tmp_path_factory.mktemp("daad"), "model=daad", *TINY_RECONSTRUCTION)
-
-
-def test_end_to_end_on_synthetic_data(trained):
-    assert trained.results["model"] == "DAADModule" and trained.results["backbone"] == "scratch"
-    assert trained.results["image_auroc"] > 0.8
-    assert trained.results["pixel_auroc"] > 0.75
-
-
-def test_checkpoint_reload_scores_identically(trained):
-    model = load_model(trained.ckpt)
-    assert isinstance(model, DAADModule) and model.is_fitted
-    with (trained.ckpt.parent / "predictions.csv").open() as handle:
-        saved = {row["path"]: float(row["score"]) for row in csv.DictReader(handle)}
-    rescored = rescore_test_split(model, trained.cfg)
-    assert rescored.keys() == saved.keys()
-    assert max(abs(rescored[path] - saved[path]) for path in saved) < 1e-5
-
-
-def test_export_scores_like_the_checkpoint(trained, tmp_path):
-    result = export_model(trained.ckpt, output=tmp_path, format="both", check=True)
-    assert max(result["onnx_max_difference"].values()) < 1e-4
-    assert max(result["torchscript_max_difference"].values()) < 1e-4
 
 
 def test_pretrained_encoder_option():

@@ -1,16 +1,10 @@
-"""SSL-AE: shapes, the corrupted training input, an end-to-end run on synthetic data, checkpoint reload, export."""
-
-import csv
+"""SSL-AE: shapes, the corrupted training input; end to end in test_reconstruction_models."""
 
 import pytest
 import torch
 
-from checkpoint_fixture import train_tiny
 from patchae.errors import PatchAEError
-from patchae.export import export_model
 from patchae.models import SSLAEModule
-from patchae.predict import load_model
-from reconstruction_checks import TINY_RECONSTRUCTION, rescore_test_split
 
 CHANNELS = (4, 8, 16)
 
@@ -55,34 +49,6 @@ def test_corrupted_input_is_deterministic_and_the_target_clean():
     first, again, later = model.corrupt(images, 5), model.corrupt(images, 5), model.corrupt(images, 6)
     assert torch.equal(first, again) and not torch.equal(first, later)
     assert not torch.equal(first, images) and first.shape == images.shape
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return train_tiny(tmp_path_factory.mktemp("ssl_ae"), "model=ssl_ae", *TINY_RECONSTRUCTION)
-
-
-def test_end_to_end_on_synthetic_data(trained):
-    # 10 synthetic 64 px images, 8 epochs of 4 steps: the defects (3-15 % of the image) are found.
-    assert trained.results["model"] == "SSLAEModule" and trained.results["backbone"] == "scratch"
-    assert trained.results["image_auroc"] > 0.8
-    assert trained.results["pixel_auroc"] > 0.75
-
-
-def test_checkpoint_reload_scores_identically(trained):
-    model = load_model(trained.ckpt)
-    assert isinstance(model, SSLAEModule) and model.is_fitted
-    with (trained.ckpt.parent / "predictions.csv").open() as handle:
-        saved = {row["path"]: float(row["score"]) for row in csv.DictReader(handle)}
-    rescored = rescore_test_split(model, trained.cfg)
-    assert rescored.keys() == saved.keys()
-    assert max(abs(rescored[path] - saved[path]) for path in saved) < 1e-5
-
-
-def test_export_scores_like_the_checkpoint(trained, tmp_path):
-    result = export_model(trained.ckpt, output=tmp_path, format="both", check=True)
-    assert max(result["onnx_max_difference"].values()) < 1e-4
-    assert max(result["torchscript_max_difference"].values()) < 1e-4
 
 
 def test_pretrained_encoder_option():

@@ -90,6 +90,10 @@ MODEL_NAMES = {
     "SSLAEModule": "SSL-AE",
     "DAADModule": "DAAD",
 }
+# Models trained from scratch need a schedule of their own (tens of epochs at a smaller size): the benchmark runs
+# them with their CPU-sized experiment; an experiment=... among the overrides replaces it.
+MODEL_EXPERIMENTS = {"ssl_ae": "ssl_ae_cpu", "daad": "daad_cpu"}
+ALL_MODELS = "patch_ae,patchcore,ssl_ae,daad"
 # Overrides that never name a method: they are the table's rows, or the method's own name.
 NOT_A_VARIANT = ("category", "model", "seed", "resume", "ckpt_path")
 MEAN = "mean"
@@ -547,10 +551,12 @@ def train_command(
     extra: Sequence[str],
     run_dir: Path,
 ) -> list[str]:
+    own_experiment = model in MODEL_EXPERIMENTS and not any(o.startswith("experiment=") for o in overrides)
     return [
         python,
         str(root / "train.py"),
         f"model={model}",
+        *([f"experiment={MODEL_EXPERIMENTS[model]}"] if own_experiment else []),
         f"category={category}",
         *overrides,
         *extra,
@@ -673,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_parser.add_argument(
         "--categories", default="all", help="comma-separated, or 'all' (the 15 of MVTec AD)"
     )
-    run_parser.add_argument("--models", default="patch_ae,patchcore", help="comma-separated conf/model names")
+    run_parser.add_argument("--models", default=ALL_MODELS, help="comma-separated conf/model names")
     run_parser.add_argument("--out", type=Path, default=None, help="default: multirun/benchmark_<time>")
     run_parser.add_argument("--seeds", type=int, default=1, help="runs per cell (seeds 0..N-1): mean ± std")
     run_parser.add_argument(

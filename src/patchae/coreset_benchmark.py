@@ -19,9 +19,7 @@ Real vectors: ``data_root`` + ``category`` embed the category's training images 
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +28,8 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
+from patchae.cli import run_command
 from patchae.errors import PatchAEError
 from patchae.memory.coreset import CORESET_METHODS, DEFAULT_PART_SIZE, coreset_size, greedy_coreset
 
@@ -265,27 +263,9 @@ def format_results(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = sys.argv[1:] if argv is None else argv
-    if any(arg in ("-h", "--help") for arg in args):
-        print(__doc__)
-        print(OmegaConf.to_yaml(OmegaConf.structured(BenchmarkConfig)))
-        sys.exit(0)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    try:
-        try:
-            cfg = OmegaConf.merge(OmegaConf.structured(BenchmarkConfig), OmegaConf.from_dotlist(args))
-        except Exception as error:
-            raise PatchAEError(
-                f"bad argument ({str(error).splitlines()[0]}); see python -m patchae.coreset_benchmark --help"
-            ) from None
-        results = run_benchmark(OmegaConf.to_object(cfg))
-    except PatchAEError as error:
-        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
-        sys.exit(1)
-    print(format_results(results))
-    if cfg.output:
-        Path(cfg.output).write_text(json.dumps(results, indent=2))
-    return results
+    return run_command(
+        "patchae.coreset_benchmark", __doc__, BenchmarkConfig, run_benchmark, format_results, argv
+    )
 
 
 if __name__ == "__main__":
