@@ -227,7 +227,7 @@ class LastCheckpoint(L.Callback):
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         partial = self.path.with_name(f".{self.path.name}.partial")
-        trainer.save_checkpoint(partial)
+        trainer.save_checkpoint(partial, weights_only=False)  # optimizer and callback states too, to resume
         if trainer.is_global_zero:
             os.replace(partial, self.path)
 

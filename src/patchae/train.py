@@ -120,7 +120,7 @@ def fit_and_test(cfg: DictConfig) -> dict[str, Any]:
     fit(trainer, model, datamodule, resume_from)
     trainer.test(model, datamodule=datamodule, verbose=False)
     # Saved after testing so that what the test learns (thresholds) travels with the model.
-    trainer.save_checkpoint(output_dir / "model.ckpt")
+    trainer.save_checkpoint(output_dir / "model.ckpt", weights_only=False)  # as before: the full state
     results = {**metadata, **model.test_results}
     for callback in trainer.callbacks:  # timings, peak memory and bank size, as in results.json
         if isinstance(callback, ResultsWriter):
