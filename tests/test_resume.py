@@ -164,7 +164,10 @@ def test_benchmark_skip_finished_runs_only_the_rest_with_resume(tmp_path, capsys
     out = tmp_path / "bench"
     complete_job(out / "patch_ae" / "bottle", 0.99)
     (out / "patchcore" / "bottle").mkdir(parents=True)  # interrupted: no complete results.json
-    argv = ["run", "--categories", "bottle", "--out", str(out), "--dry-run", "backbone=efficientnet_lite0"]
+    argv = [
+        *("run", "--models", "patch_ae,patchcore", "--categories", "bottle"),
+        *("--out", str(out), "--dry-run", "backbone=efficientnet_lite0"),
+    ]
     assert benchmark.main([*argv, "--skip-finished"]) == 0
     commands = [line for line in capsys.readouterr().out.splitlines() if "train.py" in line]
     assert len(commands) == 1
