@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from patchae.errors import PatchAEError
-from patchae.memory import MemoryBank, greedy_coreset, torch_nearest
+from patchae.memory import MemoryBank, coreset, greedy_coreset, torch_nearest
 
 
 def clustered(num: int, dim: int, clusters: int = 50, spread: float = 0.3, seed: int = 0) -> torch.Tensor:
@@ -80,6 +80,30 @@ class TestGreedyCoreset:
     def test_empty_features_is_a_user_error(self) -> None:
         with pytest.raises(PatchAEError, match="0 feature vectors"):
             greedy_coreset(torch.empty(0, 4), ratio=0.1)
+
+    @pytest.mark.parametrize(("dim", "scale"), [(8, 1.0), (64, 3.0)])
+    def test_pruned_selection_equals_updating_every_row(self, dim: int, scale: float) -> None:
+        # Banks of >= 10k rows on a CPU skip rows by the triangle inequality; the result must not change.
+        points = clustered(12_000, dim, spread=scale) * torch.rand(
+            12_000, 1, generator=torch.Generator().manual_seed(1)
+        )
+        points -= points.mean(dim=0)
+        first, target = 5, 600
+        dense = coreset._dense_greedy(points.clone(), target, first, coreset._ProgressCounter(target, None))
+        pruned = coreset._pruned_greedy(
+            points.clone().numpy(), target, first, coreset._ProgressCounter(target, None)
+        )
+        pruned = torch.from_numpy(pruned)
+        # Equal up to float rounding: the distances are summed in another order, so a near-tie may swap order.
+        assert len(set(pruned.tolist()) & set(dense.tolist())) >= 0.99 * target
+        assert covering_radius(points, pruned) == pytest.approx(covering_radius(points, dense), rel=1e-5)
+        assert torch.equal(pruned[:100], dense[:100])
+
+    def test_pruned_selection_with_duplicates_never_repeats_an_index(self) -> None:
+        features = torch.randn(40, 16).repeat(300, 1)  # 12,000 rows, only 40 distinct: the pruned path
+        indices = greedy_coreset(features, size=100)
+        assert indices.unique().numel() == 100
+        assert torch.unique(features[indices[:40]], dim=0).shape[0] == 40  # distinct rows come first
 
     def test_half_precision_input(self) -> None:
         features = torch.randn(500, 200).half()

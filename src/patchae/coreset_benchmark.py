@@ -9,8 +9,8 @@ For each method (``bank.coreset_method``) the report gives the wall and process 
 and its coverage: the distance from each vector to its nearest coreset vector, in the original feature space
 (not the projection the selection uses); ``max`` is the covering radius that greedy k-center minimises.
 Coverage is computed over all vectors, or over a random ``coverage_rows`` of them for larger banks (the
-exact search costs N x coreset size). Exact greedy runs when the bank has at most ``exact_max_rows`` vectors;
-above that its time is estimated from ``probe_steps`` measured steps (its cost per step is constant).
+exact search costs N x coreset size). Exact greedy is always measured, never extrapolated: on a CPU it skips
+the vectors a new center cannot be nearer to, so its cost per step shrinks as the selection grows.
 
 Real vectors: ``data_root`` + ``category`` embed the category's training images with PatchCore's features
 (``backbone``), each image also under the ``transforms`` - 1 other rotations / flips of the dihedral group
@@ -150,35 +150,7 @@ def time_selection(
         "part_size": part_size if method == "partitioned" else None,
         "seconds": time.perf_counter() - start,
         "cpu_seconds": time.process_time() - cpu_start,
-        "estimated": False,
         "indices": indices,
-    }
-
-
-def estimate_exact_seconds(features: torch.Tensor, cfg: BenchmarkConfig) -> dict[str, Any]:
-    """Exact greedy's time from ``probe_steps`` steps: every step costs the same (N x D distance terms)."""
-    stamps: list[tuple[int, float, float]] = []
-
-    def record(done: int, total: int) -> None:
-        stamps.append((done, time.perf_counter(), time.process_time()))
-
-    start, cpu_start = time.perf_counter(), time.process_time()
-    greedy_coreset(
-        features, size=cfg.probe_steps, projection_dim=cfg.projection_dim, seed=cfg.seed, progress=record
-    )
-    (first, wall_first, cpu_first), (last, wall_last, cpu_last) = stamps[0], stamps[-1]
-    steps = coreset_size(len(features), ratio=cfg.ratio)
-    per_step, cpu_per_step = (
-        (wall_last - wall_first) / (last - first),
-        (cpu_last - cpu_first) / (last - first),
-    )
-    return {
-        "method": "greedy",
-        "part_size": None,
-        "seconds": wall_first - start + per_step * steps,
-        "cpu_seconds": cpu_first - cpu_start + cpu_per_step * steps,
-        "estimated": True,
-        "indices": None,
     }
 
 
@@ -198,8 +170,6 @@ class BenchmarkConfig:
     projection_dim: int | None = 128  # bank.projection_dim
     methods: list[str] = field(default_factory=lambda: ["partitioned", "greedy"])
     part_sizes: list[int] = field(default_factory=lambda: [DEFAULT_PART_SIZE])  # bank.coreset_part_size
-    exact_max_rows: int = 200_000  # run exact greedy up to this many vectors, estimate it above
-    probe_steps: int = 300  # exact greedy steps timed for the estimate
     coverage_rows: int = 200_000  # coverage over all vectors up to this many, else over this many random ones
     threads: int = 2  # torch and faiss CPU threads
     seed: int = 0
@@ -229,17 +199,13 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
     }
     for method in cfg.methods:
         for part_size in cfg.part_sizes if method == "partitioned" else [None]:
-            if method == "greedy" and num > cfg.exact_max_rows:
-                row = estimate_exact_seconds(features, cfg)
-            else:
-                row = time_selection(features, cfg, method, part_size or DEFAULT_PART_SIZE)
-            indices = row.pop("indices")
-            row["coverage"] = None if indices is None else coverage(features, indices, rows)
+            row = time_selection(features, cfg, method, part_size or DEFAULT_PART_SIZE)
+            row["coverage"] = coverage(features, row.pop("indices"), rows)
             results["rows"].append(row)
             log.warning("%s", row)
-    exact = next((r for r in results["rows"] if r["method"] == "greedy" and r["coverage"]), None)
+    exact = next((r for r in results["rows"] if r["method"] == "greedy"), None)
     for row in results["rows"]:
-        if exact is not None and row["coverage"] is not None:
+        if exact is not None:
             row["max_vs_exact"] = row["coverage"]["max"] / exact["coverage"]["max"]
     return results
 
@@ -252,12 +218,11 @@ def format_results(results: dict[str, Any]) -> str:
     ]
     for row in results["rows"]:
         name = row["method"] + (f" ({row['part_size']})" if row["part_size"] else "")
-        name += " (estimated)" if row["estimated"] else ""
-        cover = row["coverage"] or {}
+        cover = row["coverage"]
         ratio = row.get("max_vs_exact")
         lines.append(
-            f"{name:<24} {row['seconds']:>9.1f} {row['cpu_seconds']:>9.1f} {cover.get('max', float('nan')):>9.4f} "
-            f"{cover.get('mean', float('nan')):>9.4f} {'' if ratio is None else f'{ratio:.4f}':>11}"
+            f"{name:<24} {row['seconds']:>9.1f} {row['cpu_seconds']:>9.1f} {cover['max']:>9.4f} "
+            f"{cover['mean']:>9.4f} {'' if ratio is None else f'{ratio:.4f}':>11}"
         )
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import faiss
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,6 +53,10 @@ def _project(features: Tensor, projection_dim: int | None, seed: int) -> Tensor:
 
 CORESET_METHODS = ("greedy", "partitioned")
 
+# From this many rows on, exact greedy on a CPU skips the rows a new center cannot be nearer to (see
+# _pruned_greedy); below it, its per-step bookkeeping costs more than updating every row.
+_PRUNED_MIN_ROWS = 10_000
+
 # Mean vectors per k-means cell of the partitioned method: a step then reads one cell (4 MB at 128-d, within a
 # CPU's last-level cache) instead of all N vectors, and the selection costs about N x ratio x part size
 # distance terms instead of N x ratio x N.
@@ -72,10 +77,13 @@ def greedy_coreset(
 
     Starting from a seeded random row, each step adds the row farthest from everything selected so far,
     which greedily minimises the covering radius max_i min_j ||x_i - c_j||. Runs on ``features.device``
-    (a GPU makes large banks much faster) and uses O(N) memory beyond the projected features: the
-    distance to the newest center is one matrix-vector product, never an N x N matrix.
+    and uses O(N) memory beyond the projected features: distances to the newest center are one
+    matrix-vector product, never an N x N matrix.
 
-    ``method="greedy"`` runs that over all N rows (cost N x size). ``method="partitioned"`` first splits
+    ``method="greedy"`` is exact: on a GPU it updates all N rows at each step (cost N x size); on a CPU,
+    for banks of 10k rows or more, it skips the rows the newest center provably cannot be nearer to
+    (triangle inequality; same selection), which measures only ~1-3 % of the rows per step on real patch
+    features. ``method="partitioned"`` first splits
     the rows into about N / ``part_size`` k-means cells (faiss), then runs the same greedy over all cells
     at once with one approximation: a row's distance counts only the centers of its own cell. Each step then
     updates one cell, not all N rows (about N / part_size times less work: ~60x for 1M rows), and the
@@ -201,23 +209,100 @@ def _greedy_select(
     points: Tensor, target: int, generator: torch.Generator, counter: _ProgressCounter
 ) -> Tensor:
     """Exact greedy farthest-point selection of ``target`` rows of ``points`` (float32, modified in place)."""
-    num = points.shape[0]
-    # Centering shrinks the norms, and with them the cancellation error of the norm identity below.
+    # Centering shrinks the norms, and with them the cancellation error of the norm identity used below.
     points -= points.mean(dim=0)
+    first = int(torch.randint(points.shape[0], (1,), generator=generator))
+    with torch.no_grad():
+        if points.device.type == "cpu" and points.shape[0] >= _PRUNED_MIN_ROWS:
+            return torch.from_numpy(_pruned_greedy(points.numpy(), target, first, counter))
+        return _dense_greedy(points, target, first, counter)
+
+
+def _dense_greedy(points: Tensor, target: int, first: int, counter: _ProgressCounter) -> Tensor:
+    """Greedy farthest-point that updates every row's distance at every step: N x target distance terms, in
+    a few large kernels per step (the fast way on a GPU)."""
+    num = points.shape[0]
     squared_norms = points.pow(2).sum(dim=1)
-    first = int(torch.randint(num, (1,), generator=generator))
     selected = torch.empty(target, dtype=torch.long, device=points.device)
     min_distance = torch.full((num,), float("inf"), dtype=torch.float32, device=points.device)
     current = torch.tensor(first, device=points.device)
-    with torch.no_grad():
-        for step in range(target):
-            selected[step] = current
-            center = points[current]
-            # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, clamped: rounding can make it slightly negative.
-            distance = torch.addmv(squared_norms, points, center, alpha=-2.0).add_(center.dot(center))
-            torch.minimum(min_distance, distance.clamp_(min=0.0), out=min_distance)
-            # Already-selected rows must never win again, even when all remaining rows are duplicates.
-            min_distance[current] = -1.0
-            current = torch.argmax(min_distance)
-            counter.step()
+    for step in range(target):
+        selected[step] = current
+        center = points[current]
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2, clamped: rounding can make it slightly negative.
+        distance = torch.addmv(squared_norms, points, center, alpha=-2.0).add_(center.dot(center))
+        torch.minimum(min_distance, distance.clamp_(min=0.0), out=min_distance)
+        # Already-selected rows must never win again, even when all remaining rows are duplicates.
+        min_distance[current] = -1.0
+        current = torch.argmax(min_distance)
+        counter.step()
     return selected
+
+
+def _matvec(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    # torch's matrix-vector product: numpy's BLAS may spin up threads that fight the caller's for small sizes.
+    return torch.mv(torch.from_numpy(matrix), torch.from_numpy(vector)).numpy()
+
+
+def _pruned_greedy(points: np.ndarray, target: int, first: int, counter: _ProgressCounter) -> np.ndarray:
+    """The same selection as :func:`_dense_greedy` (up to float rounding in near-ties), skipping the rows
+    that the newest center provably cannot bring nearer: ~10x less work on real banks, more as N grows.
+
+    Every row belongs to the group of its nearest center so far. By the triangle inequality a row x of center
+    a's group can only get nearer to a new center c when ||a - c|| < 2 ||x - a||, so a group whose farthest
+    row is within ||a - c|| / 2 of a is skipped whole, and of the other groups only the rows that pass the
+    same test are measured. Squared distances throughout; ``tolerance`` keeps rounding from skipping a row
+    that the exact test would keep.
+    """
+    num, dim = points.shape
+    squared_norms = np.einsum("ij,ij->i", points, points)
+    selected = np.empty(target, dtype=np.int64)
+    centers = np.empty((target, dim), dtype=np.float32)
+    center_norms = np.empty(target, dtype=np.float32)
+    radius = np.full(target, -1.0, dtype=np.float32)  # each group's largest squared distance (-1: none left)
+    farthest = np.zeros(target, dtype=np.int64)  # the row that has it
+    group = np.full(num, -1, dtype=np.int64)  # each row's nearest center so far
+    members: list[np.ndarray] = []  # each group's rows (filtered lazily: rows that moved away are dropped)
+    min_distance = np.full(num, np.inf, dtype=np.float32)
+    current, source = first, -1
+    for step in range(target):
+        selected[step] = current
+        center, center_norm = points[current], float(squared_norms[current])
+        centers[step], center_norms[step] = center, center_norm
+        min_distance[current] = -1.0  # selected rows never win again, even among duplicates
+        if step == 0:
+            rows = np.arange(num)
+        else:
+            gaps = center_norms[:step] - 2.0 * _matvec(centers[:step], center) + center_norm
+            gaps -= 1e-5 * (center_norms[:step] + center_norm) + 1e-6  # tolerance: never skip too much
+            candidates = np.flatnonzero(gaps < 4.0 * radius[:step])
+            groups = [members[a] for a in candidates.tolist()]
+            rows = np.concatenate(groups)
+            gap = np.repeat(gaps[candidates], [len(g) for g in groups])
+            rows = rows[4.0 * min_distance[rows] > gap]
+        distance = squared_norms[rows] - 2.0 * _matvec(points[rows], center) + center_norm
+        closer = distance < min_distance[rows]
+        moved = rows[closer]
+        min_distance[moved] = np.maximum(distance[closer], 0.0)
+        left = group[moved]
+        group[moved] = step
+        changed = set(np.unique(left[left >= 0]).tolist()) | ({source} if source >= 0 else set())
+        for a in changed:  # groups that lost rows (or the new center's old group): new radius
+            rows_left = members[a] = members[a][group[members[a]] == a]
+            _update_radius(a, rows_left, min_distance, radius, farthest)
+        members.append(moved)
+        _update_radius(step, moved, min_distance, radius, farthest)
+        source = int(np.argmax(radius[: step + 1]))
+        current = int(farthest[source])
+        counter.step()
+    return selected
+
+
+def _update_radius(
+    group: int, rows: np.ndarray, min_distance: np.ndarray, radius: np.ndarray, farthest: np.ndarray
+) -> None:
+    if len(rows) == 0:
+        radius[group] = -1.0
+        return
+    far = int(np.argmax(min_distance[rows]))
+    farthest[group], radius[group] = rows[far], min_distance[rows[far]]
