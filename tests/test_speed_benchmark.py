@@ -14,7 +14,15 @@ from conftest import TINY_RUN
 from patchae.errors import PatchAEError
 from patchae.predict import Predictor, predict_to_folder
 from patchae.scoring import anomaly_maps, blur_kernel_size
-from patchae.speed_benchmark import ANOMALIB_HINT, SpeedConfig, auroc, format_table, ratio, run_benchmark
+from patchae.speed_benchmark import (
+    ANOMALIB_HINT,
+    SpeedConfig,
+    auroc,
+    format_table,
+    random_coreset,
+    ratio,
+    run_benchmark,
+)
 
 trained = session_checkpoint_fixture()
 
@@ -172,3 +180,26 @@ def test_unknown_runtime_is_a_one_line_error(trained):
         match="runtime=openvino is unknown .OpenVINO is not supported; use onnx.; use one of torch, onnx",
     ):
         Predictor.from_checkpoint(trained.ckpt, device="cpu", runtime="openvino")
+
+
+def test_random_anomalib_bank_leaves_its_times_out_and_says_so():
+    results = fake_results()
+    anomalib = results["systems"]["anomalib"]
+    anomalib.update(coreset_seconds=None, fit_seconds=None, coreset="random")
+    table = format_table(results).splitlines()
+    lines = {line.split(" | ")[0][2:]: line for line in table}
+    assert lines["coreset s"].endswith("| 5.0 | – |  |")
+    assert lines["model-time images/s, batch 32 (torch)"].endswith("| 20.0 | 8.0 | 2.50x |")
+    assert any("random subset of the same size (anomalib_coreset=random)" in line for line in table)
+
+
+def test_unknown_anomalib_coreset_is_one_line():
+    with pytest.raises(PatchAEError, match=r"anomalib_coreset='greedy' is unknown; use exact or random"):
+        run_benchmark(SpeedConfig(anomalib_coreset="greedy"))
+
+
+def testrandom_coreset_stand_in_keeps_anomalibs_size():
+    sampler = type("Sampler", (), {"embedding": torch.arange(100.0)[:, None], "coreset_size": 10})()
+    picked = random_coreset(seed=0)(sampler)
+    assert picked.shape == (10, 1) and picked.unique().numel() == 10
+    assert torch.equal(picked, random_coreset(seed=0)(sampler))

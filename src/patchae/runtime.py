@@ -30,10 +30,10 @@ def check_runtime(runtime: str) -> str:
     return runtime
 
 
-def onnx_file(ckpt: str | Path, bank_block: int = 4096) -> Path:
+def onnx_file(ckpt: str | Path, bank_block: int | None = None) -> Path:
     """``model.onnx`` of a checkpoint: its earlier export when that is newer than the checkpoint, else a new one
     (in the checkpoint's ``export/`` folder, or a temporary folder when that is not writable)."""
-    from patchae.export import export_model  # export imports predict, which imports this module
+    from patchae.export import BANK_BLOCK, export_model  # export imports predict, which imports this module
 
     ckpt = Path(ckpt).expanduser()
     folder = ckpt.parent / "export"
@@ -48,7 +48,9 @@ def onnx_file(ckpt: str | Path, bank_block: int = 4096) -> Path:
     except OSError:
         folder = Path(tempfile.mkdtemp(prefix="patchae_onnx_"))
     log.info("runtime=onnx: exporting %s to %s", ckpt, folder / "model.onnx")
-    return Path(export_model(ckpt, folder, format="onnx", bank_block=bank_block, check=False)["onnx"])
+    return Path(
+        export_model(ckpt, folder, format="onnx", bank_block=bank_block or BANK_BLOCK, check=False)["onnx"]
+    )
 
 
 def _exported_from(folder: Path, ckpt: Path) -> bool:
