@@ -17,6 +17,8 @@ patchae's PatchCore bank; anomalib keeps no held-out images, so it has more to c
 
 The table's last column compares patchae's PatchCore with anomalib's: how many times faster (or smaller in
 memory) it is, and the AUROC difference in points. Without anomalib its column says so, with the install hint.
+``anomalib_coreset=random`` skips anomalib's slow greedy selection (~20 min for a 10 % bottle bank on 2 cores)
+with a random bank of the same size: its speed rows still compare, its coreset, fit and AUROC rows do not.
 """
 
 from __future__ import annotations
