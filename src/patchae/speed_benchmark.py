@@ -269,16 +269,15 @@ def run_anomalib(cfg: SpeedConfig, reference: dict[str, Any], workdir: Path) -> 
         enable_progress_bar=False,
         limit_val_batches=0,
     )
-    coreset = Stopwatch(KCenterGreedy.sample_coreset)
-    if cfg.anomalib_coreset == "random":
-        coreset = Stopwatch(random_coreset(cfg.seed))
+    original = KCenterGreedy.sample_coreset
+    coreset = Stopwatch(random_coreset(cfg.seed) if cfg.anomalib_coreset == "random" else original)
     KCenterGreedy.sample_coreset = lambda self, *args, **kwargs: coreset(self, *args, **kwargs)
     try:
         start = time.perf_counter()
         engine.fit(model=model, datamodule=datamodule)
         fit_seconds = time.perf_counter() - start
     finally:
-        KCenterGreedy.sample_coreset = coreset.function
+        KCenterGreedy.sample_coreset = original
     start = time.perf_counter()
     engine.test(model=model, datamodule=datamodule, verbose=False)
     test_seconds = time.perf_counter() - start
