@@ -65,6 +65,18 @@ def test_paper_tables_cover_the_mvtec_categories_in_order():
     assert benchmark.PAPER_PATCH_AE["screw"] == 97.7 and PAPER_PATCHCORE["screw"] == 98.9
 
 
+TABLE1_CSV = ROOT.parent / "shared" / "reference" / "patch_ae_table1.csv"
+
+
+@pytest.mark.skipif(not TABLE1_CSV.exists(), reason="the shared copy of the paper's Table 1 is not here")
+def test_paper_columns_are_the_shared_table_1():
+    lines = [line for line in TABLE1_CSV.read_text().splitlines() if line and not line.startswith("#")]
+    rows = {row["category"].lower().replace(" ", "_"): row for row in csv.DictReader(lines)}
+    for category in MVTEC_CATEGORIES:
+        assert float(rows[category]["Patch AE"]) == benchmark.PAPER_PATCH_AE[category], category
+        assert float(rows[category]["Patchcore-single [22]"]) == PAPER_PATCHCORE[category], category
+
+
 def test_rows_per_category_and_method_with_means_and_paper_columns(tmp_path):
     for model, category, auroc, seconds in [
         ("PatchAEModule", "bottle", 1.0, 10.0),

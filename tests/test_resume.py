@@ -60,7 +60,7 @@ def tiny_config(root: Path, *overrides: str):
 def test_interrupted_fit_resumes_to_the_same_epochs_and_keeps_the_best_weights(tmp_path):
     # min_delta=1: no trained epoch can beat the untrained encoder (epoch 0), so the kept weights must be the
     # ones validated before the interruption, not those of any later epoch.
-    settings = ["trainer.max_epochs=3", "validation.min_delta=1.0"]
+    settings = ["trainer.max_epochs=3", "validation.select_best=true", "validation.min_delta=1.0"]
     EpochRecorder.started.clear()
     interrupted = tiny_config(
         tmp_path,
@@ -112,7 +112,12 @@ class InterruptTest(L.Callback):
 
 def test_fit_that_stopped_early_stays_stopped_when_resumed(tmp_path):
     # patience=1 with min_delta=1 stops the fit after its first epoch; the run dies later, while testing.
-    settings = ["trainer.max_epochs=3", "validation.min_delta=1.0", "validation.patience=1"]
+    settings = [
+        "trainer.max_epochs=3",
+        "validation.select_best=true",
+        "validation.min_delta=1.0",
+        "validation.patience=1",
+    ]
     EpochRecorder.started.clear()
     with pytest.raises(Interrupted):
         fit_and_test(

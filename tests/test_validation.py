@@ -127,6 +127,29 @@ def test_best_epoch_callback_restores_the_best_weights_and_stops_on_patience() -
     assert module.selected_epoch == 1 and module.val_results == {"image_auroc": 0.9}
 
 
+def test_without_selection_the_last_weights_stay_and_patience_still_stops() -> None:
+    module = nn.Linear(2, 1)
+    callback = BestEpochCallback(monitor="val/image_auroc", patience=2, select=False)
+    for score, epoch, fn in (
+        (0.6, 0, TrainerFn.VALIDATING),
+        (0.9, 0, TrainerFn.FITTING),
+        (0.7, 1, TrainerFn.FITTING),
+    ):
+        with torch.no_grad():
+            module.weight.fill_(score)
+        module.latest_val_results = {"image_auroc": score}
+        callback.on_validation_end(_trainer(score, epoch, fn), module)
+    trainer = _trainer(0.8, 2)
+    module.latest_val_results = {"image_auroc": 0.8}
+    with torch.no_grad():
+        module.weight.fill_(0.8)
+    callback.on_validation_end(trainer, module)
+    assert trainer.should_stop and callback.best_state is None  # stopped, but no weights were copied
+    callback.on_fit_end(trainer, module)
+    assert module.weight.flatten().tolist() == pytest.approx([0.8, 0.8])
+    assert module.selected_epoch == 3 and module.val_results == {"image_auroc": 0.8}
+
+
 def test_best_epoch_callback_names_the_metrics_it_can_monitor() -> None:
     callback = BestEpochCallback(monitor="val/typo")
     with pytest.raises(PatchAEError, match="val/image_auroc"):
@@ -146,6 +169,7 @@ def test_a_fit_that_ruins_the_encoder_keeps_the_untrained_weights(tmp_path) -> N
         "data.n_train=20",
         "threshold.holdout_ratio=0.3",
         "validation.monitor=val/pixel_auroc",  # steadier than the image AUROC of 6 held-out images
+        "validation.select_best=true",
         f"paths.output_dir={tmp_path / 'run'}",
         f"data.root={tmp_path / 'data'}",
     ]

@@ -131,7 +131,7 @@ class BestEpochCallback(L.Callback):
     without improvement. The copy lives in memory (CPU) and in the callback's state, so the fit's last
     checkpoint carries it and a resumed fit (``resume=true``) still keeps it; it is dropped once restored, so
     model.ckpt holds one set of weights. With ``select=False`` the last weights stay (a fixed training length)
-    and their validation is what gets reported.
+    and their validation is what gets reported (``patience`` still stops the fit).
 
     A later epoch replaces the best only when it beats it by more than ``min_delta``: differences smaller than
     what a few flipped validation images make are noise, and on noise the less trained weights are the safer
@@ -170,11 +170,11 @@ class BestEpochCallback(L.Callback):
         epoch = trainer.current_epoch + 1 if fitting else 0  # during fit it runs after the epoch
         self.last_epoch, self.last_results = epoch, dict(getattr(pl_module, "latest_val_results", {}))
         log.info("validation after %d epoch(s): %s = %.4f", epoch, self.monitor, score)
-        if not self.select:
-            return
-        if self.best_state is None or score > self.best_score + self.min_delta:
+        # The best is tracked either way (patience needs it); its weights are copied only to be restored.
+        if self.best_epoch is None or score > self.best_score + self.min_delta:
             self.best_score, self.best_epoch = score, epoch
-            self.best_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+            if self.select:
+                self.best_state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
             self.best_results = self.last_results
             self.validations_since_best = 0
         else:
