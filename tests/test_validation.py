@@ -101,53 +101,30 @@ def _trainer(score: float, epoch: int, fn: TrainerFn = TrainerFn.FITTING) -> Sim
     )
 
 
-def test_best_epoch_callback_restores_the_best_weights_and_stops_on_patience() -> None:
+@pytest.mark.parametrize("select", [True, False])
+def test_best_epoch_callback_keeps_the_best_or_the_last_weights_and_stops_on_patience(select) -> None:
     module = nn.Linear(2, 1)
-    module.latest_val_results = {}
-    callback = BestEpochCallback(monitor="val/image_auroc", patience=2)
-    weights = {}
+    callback = BestEpochCallback(monitor="val/image_auroc", patience=2, select=select)
+    stops = []
     # epoch 0 (validate before fit), then after epochs 1, 2, 3: the best is after epoch 1
     for score, epoch, fn in (
         (0.6, 0, TrainerFn.VALIDATING),
         (0.9, 0, TrainerFn.FITTING),
         (0.7, 1, TrainerFn.FITTING),
+        (0.8, 2, TrainerFn.FITTING),
     ):
         with torch.no_grad():
             module.weight.fill_(score)
         module.latest_val_results = {"image_auroc": score}
         trainer = _trainer(score, epoch, fn)
         callback.on_validation_end(trainer, module)
-        weights[score] = module.weight.clone()
-        assert not trainer.should_stop
-    trainer = _trainer(0.8, 2)
-    callback.on_validation_end(trainer, module)
-    assert trainer.should_stop  # two validations without improvement
+        stops.append(trainer.should_stop)
+    assert stops == [False, False, False, True]  # two validations without improvement, selecting or not
+    assert (callback.best_state is not None) == select  # weights are copied only to be restored
     callback.on_fit_end(trainer, module)
-    assert torch.equal(module.weight, weights[0.9])
-    assert module.selected_epoch == 1 and module.val_results == {"image_auroc": 0.9}
-
-
-def test_without_selection_the_last_weights_stay_and_patience_still_stops() -> None:
-    module = nn.Linear(2, 1)
-    callback = BestEpochCallback(monitor="val/image_auroc", patience=2, select=False)
-    for score, epoch, fn in (
-        (0.6, 0, TrainerFn.VALIDATING),
-        (0.9, 0, TrainerFn.FITTING),
-        (0.7, 1, TrainerFn.FITTING),
-    ):
-        with torch.no_grad():
-            module.weight.fill_(score)
-        module.latest_val_results = {"image_auroc": score}
-        callback.on_validation_end(_trainer(score, epoch, fn), module)
-    trainer = _trainer(0.8, 2)
-    module.latest_val_results = {"image_auroc": 0.8}
-    with torch.no_grad():
-        module.weight.fill_(0.8)
-    callback.on_validation_end(trainer, module)
-    assert trainer.should_stop and callback.best_state is None  # stopped, but no weights were copied
-    callback.on_fit_end(trainer, module)
-    assert module.weight.flatten().tolist() == pytest.approx([0.8, 0.8])
-    assert module.selected_epoch == 3 and module.val_results == {"image_auroc": 0.8}
+    kept, epoch = (0.9, 1) if select else (0.8, 3)
+    assert module.weight.flatten().tolist() == pytest.approx([kept, kept])
+    assert module.selected_epoch == epoch and module.val_results == {"image_auroc": kept}
 
 
 def test_best_epoch_callback_names_the_metrics_it_can_monitor() -> None:
