@@ -28,13 +28,13 @@ lint: install
 #   make bench BENCH_ARGS="--categories bottle data.root=../shared/data/mvtec_ad backbone=efficientnet_lite0"
 BENCH_ARGS ?= --categories all
 bench: install
-	$(PYTHON) -m patchae.benchmark run $(BENCH_ARGS)
+	$(PYTHON) -m patchae.benchmarks.accuracy run $(BENCH_ARGS)
 
 # `make bench-inference`: images/s and p50/p95 latency (batch 1 and 32), and exact vs IVF/IVF-PQ search on a 1M-vector
 # bank. Runs anywhere (untrained offline backbone by default); pass a trained model with INFER_ARGS="ckpt=<model.ckpt>".
 INFER_ARGS ?=
 bench-inference: install
-	$(PYTHON) -m patchae.inference_benchmark mode=all $(INFER_ARGS)
+	$(PYTHON) -m patchae.benchmarks.inference mode=all $(INFER_ARGS)
 
 # `make bench-speed`: Patch AE and PatchCore beside anomalib's PatchCore (same data, backbone, image and bank size):
 # coreset and fit seconds, model-time images/s (batch 1, 32; torch and ONNX Runtime), predict images/s, AUROC, peak
@@ -42,13 +42,13 @@ bench-inference: install
 SPEED_ARGS ?= root=data/mvtec_ad category=bottle
 bench-speed: install
 	$(PYTHON) -m pip install -q -e '.[bench]'
-	$(PYTHON) -m patchae.speed_benchmark $(SPEED_ARGS)
+	$(PYTHON) -m patchae.benchmarks.speed $(SPEED_ARGS)
 
 # `make bench-coreset`: time and coverage of the coreset methods (exact greedy, partitioned) on 1M vectors: synthetic
 # by default; real ones with CORESET_ARGS="data_root=../shared/data/mvtec_ad category=bottle features=/tmp/bottle_8x.pt".
 CORESET_ARGS ?=
 bench-coreset: install
-	$(PYTHON) -m patchae.coreset_benchmark $(CORESET_ARGS)
+	$(PYTHON) -m patchae.benchmarks.coreset $(CORESET_ARGS)
 
 clean:
 	rm -rf outputs multirun data/synthetic .pytest_cache

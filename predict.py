@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from patchae.predict import run
+from patchae.deploy.predict import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")

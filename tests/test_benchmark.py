@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import run_tiny_sweep
 from patchae import benchmark
-from patchae.benchmark import (
+from patchae.benchmarks.accuracy import (
     MEAN,
     PAPER_PATCHCORE,
     build_rows,
@@ -267,7 +267,7 @@ def test_alpha_sweep_then_benchmark_table(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(list(sweep.glob("*/results.json"))) == 5
     table = subprocess.run(
-        [sys.executable, "-m", "patchae.benchmark", "collect", str(sweep)],
+        [sys.executable, "-m", "patchae.benchmarks.accuracy", "collect", str(sweep)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -9,8 +9,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from patchae.benchmarks.coreset import BenchmarkConfig, format_results, main, run_benchmark
 from patchae.callbacks import MemoryBankCallback
-from patchae.coreset_benchmark import BenchmarkConfig, format_results, main, run_benchmark
 from patchae.errors import PatchAEError
 from patchae.memory import greedy_coreset
 

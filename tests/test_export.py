@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from checkpoint_fixture import session_checkpoint_fixture
-from patchae.errors import PatchAEError
-from patchae.export import (
+from patchae.deploy.export import (
     export_model,
     main,
     nearest_bank_distances,
@@ -16,8 +15,10 @@ from patchae.export import (
     run_onnx,
     run_torchscript,
 )
+from patchae.deploy.loading import load_model
+from patchae.deploy.predict import Predictor
+from patchae.errors import PatchAEError
 from patchae.memory import torch_nearest
-from patchae.predict import Predictor, load_model
 
 trained = session_checkpoint_fixture()
 

@@ -12,9 +12,10 @@ from PIL import Image
 from checkpoint_fixture import session_checkpoint_fixture, train_tiny
 from conftest import REPO
 from patchae.data import AnomalyImageDataset, ImageTransform, Sample
+from patchae.deploy.loading import load_model
+from patchae.deploy.predict import Predictor, predict_to_folder
 from patchae.errors import PatchAEError
 from patchae.models import PatchAEModule
-from patchae.predict import Predictor, load_model, predict_to_folder
 from patchae.thresholds import Thresholds
 
 trained = session_checkpoint_fixture()

@@ -12,7 +12,7 @@ from patchae.errors import PatchAEError
 from patchae.models import PatchCoreModule
 from patchae.models.backbone import create_feature_extractor
 from patchae.models.features import locally_aware_features, pool_channels
-from patchae.scoring import reweighted_image_scores
+from patchae.scoring.maps import reweighted_image_scores
 from patchae.train import fit_and_test
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

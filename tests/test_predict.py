@@ -15,12 +15,12 @@ from PIL import Image
 
 from checkpoint_fixture import session_checkpoint_fixture
 from conftest import REPO
+from patchae.benchmarks.inference import benchmark_bank, extra_peak_mb, reset_peak_memory
 from patchae.data import ImageTransform, SyntheticDataModule
+from patchae.deploy.predict import Predictor, folder_label, predict_to_folder
 from patchae.errors import PatchAEError
-from patchae.inference_benchmark import benchmark_bank, extra_peak_mb, reset_peak_memory
 from patchae.memory import MemoryBank, torch_nearest
 from patchae.models.base import search_chunks
-from patchae.predict import Predictor, folder_label, predict_to_folder
 
 trained = session_checkpoint_fixture()
 
@@ -243,9 +243,9 @@ def test_ivf_indexes_have_measured_recall():
 
 def test_checkpoints_naming_the_old_module_path_still_load(trained, tmp_path):
     # Before the models moved into packages of their own, checkpoints recorded patchae.models.module.<class>.
+    from patchae.deploy.loading import checkpoint_class, read_checkpoint
     from patchae.models import PatchAEModule
     from patchae.models.base import CHECKPOINT_KEY
-    from patchae.predict import checkpoint_class, read_checkpoint
 
     checkpoint = read_checkpoint(trained.ckpt)
     checkpoint[CHECKPOINT_KEY]["model_class"] = "patchae.models.module.PatchAEModule"

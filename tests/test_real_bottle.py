@@ -8,8 +8,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO, SHARED_MVTEC
-from patchae.export import export_model, reference_outputs, run_onnx, run_torchscript
-from patchae.predict import Predictor, predict_to_folder
+from patchae.deploy.export import export_model, reference_outputs, run_onnx, run_torchscript
+from patchae.deploy.predict import Predictor, predict_to_folder
 from patchae.train import fit_and_test
 
 BOTTLE = SHARED_MVTEC / "bottle"

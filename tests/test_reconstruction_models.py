@@ -10,9 +10,9 @@ import torch
 from hydra.utils import instantiate
 
 from checkpoint_fixture import train_tiny
-from patchae.export import export_model
+from patchae.deploy.export import export_model
+from patchae.deploy.loading import load_model
 from patchae.models import DAADModule, SSLAEModule
-from patchae.predict import load_model
 
 # On top of checkpoint_fixture's tiny run (10 synthetic 64 px images, 2 held out): 8 epochs of batches of 2, so
 # that a from-scratch network takes 32 steps; the last weights (no validation), the default statistics.

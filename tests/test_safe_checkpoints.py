@@ -15,10 +15,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from checkpoint_fixture import session_checkpoint_fixture
 from conftest import REPO, TINY_RUN
 from patchae import checkpoints
+from patchae.deploy.export import export_model
+from patchae.deploy.loading import checkpoint_class, load_model, read_checkpoint
 from patchae.errors import PatchAEError
-from patchae.export import export_model
 from patchae.models.base import CHECKPOINT_KEY
-from patchae.predict import checkpoint_class, load_model, read_checkpoint
 from patchae.train import fit_and_test
 
 trained = session_checkpoint_fixture()

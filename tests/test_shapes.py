@@ -10,11 +10,11 @@ from PIL import Image
 from checkpoint_fixture import train_tiny
 from patchae.data import SyntheticDataModule
 from patchae.data.transforms import ImageTransform
+from patchae.deploy.export import export_model, run_onnx
+from patchae.deploy.predict import Predictor, predict_to_folder
 from patchae.errors import PatchAEError
-from patchae.export import export_model, run_onnx
 from patchae.metrics import AnomalyMetrics
 from patchae.models.base import update_metrics
-from patchae.predict import Predictor, predict_to_folder
 
 PORTRAIT = (96, 40)  # (H, W) of the generated images: a tall part
 MODEL_INPUT = (64, 32)  # data.image_size: also portrait, but of another aspect ratio, so keep_aspect pads

@@ -11,10 +11,7 @@ from torchvision.transforms.v2.functional import gaussian_blur
 
 from checkpoint_fixture import session_checkpoint_fixture
 from conftest import TINY_RUN
-from patchae.errors import PatchAEError
-from patchae.predict import Predictor, predict_to_folder
-from patchae.scoring import anomaly_maps, blur_kernel_size
-from patchae.speed_benchmark import (
+from patchae.benchmarks.speed import (
     ANOMALIB_HINT,
     SpeedConfig,
     auroc,
@@ -23,6 +20,9 @@ from patchae.speed_benchmark import (
     ratio,
     run_benchmark,
 )
+from patchae.deploy.predict import Predictor, predict_to_folder
+from patchae.errors import PatchAEError
+from patchae.scoring.maps import anomaly_maps, blur_kernel_size
 
 trained = session_checkpoint_fixture()
 

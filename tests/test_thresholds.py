@@ -9,10 +9,10 @@ import torch
 
 from checkpoint_fixture import session_checkpoint_fixture
 from patchae.data import SyntheticDataModule
+from patchae.deploy.loading import load_model
 from patchae.errors import PatchAEError
 from patchae.metrics import f1_max
 from patchae.models import PatchAEModule
-from patchae.predict import load_model
 from patchae.thresholds import Thresholds, calibrate, f1_threshold, normalize_scores, quantile_threshold
 
 trained = session_checkpoint_fixture()

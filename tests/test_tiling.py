@@ -10,10 +10,10 @@ import torch
 
 from checkpoint_fixture import train_tiny
 from patchae.data import SyntheticDataModule
+from patchae.deploy.export import export_model
+from patchae.deploy.predict import Predictor
 from patchae.errors import PatchAEError
-from patchae.export import export_model
 from patchae.models import PatchCoreModule
-from patchae.predict import Predictor
 from patchae.tiling import Tiling
 
 TILING = ["data.tiling.tile=32", "data.tiling.stride=24"]  # 64 px inputs: tiles at 0, 24 and 32 on each axis

@@ -2,7 +2,7 @@
 
 A run is *complete* when its ``results.json`` carries ``"run_complete": true``: train.py adds it as the last
 step of a run, after ``model.ckpt`` is saved, so a run cut off anywhere before (fit, bank, test, saving) is not
-complete. train.py with ``resume=true`` and ``python -m patchae.benchmark run --skip-finished`` both use
+complete. train.py with ``resume=true`` and ``python -m patchae.benchmarks.accuracy run --skip-finished`` both use
 :func:`complete_results` to decide.
 """
 

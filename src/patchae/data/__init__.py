@@ -6,18 +6,15 @@ from patchae.data.datamodule import (
     AnomalyImageDataset,
     FolderDataModule,
     MVTecDataModule,
+    PublicDataModule,
     SyntheticDataModule,
 )
-from patchae.data.datasets import DATASETS, PublicDataModule
+from patchae.data.datasets import DATASETS
+from patchae.data.datasets.folder import folder_samples
+from patchae.data.datasets.mvtec import GRAYSCALE_CATEGORIES, MVTEC_CATEGORIES, mvtec_samples
 from patchae.data.download import download_dataset, download_mvtec
 from patchae.data.images import IMAGE_EXTENSIONS, load_mask, load_rgb
-from patchae.data.samples import (
-    GRAYSCALE_CATEGORIES,
-    MVTEC_CATEGORIES,
-    Sample,
-    folder_samples,
-    mvtec_samples,
-)
+from patchae.data.samples import Sample
 from patchae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Lightning data modules: MVTec AD, the synthetic category, and the user's own folders."""
+"""Lightning data modules: MVTec AD, the public data sets, the synthetic category, and the user's own folders."""
 
 from __future__ import annotations
 
@@ -16,17 +16,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from patchae.data.cutpaste import CutPaste
-from patchae.data.download import download_mvtec
+from patchae.data.datasets import dataset_spec
+from patchae.data.datasets.folder import folder_samples
+from patchae.data.datasets.mvtec import MVTEC_CATEGORIES, mvtec_samples
+from patchae.data.download import download_dataset, download_mvtec
 from patchae.data.images import load_rgb
 from patchae.data.perlin import PerlinBlend
-from patchae.data.samples import (
-    MVTEC_CATEGORIES,
-    Sample,
-    check_split,
-    folder_samples,
-    load_sample_mask,
-    mvtec_samples,
-)
+from patchae.data.samples import Sample, check_split, load_sample_mask
 from patchae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from patchae.errors import PatchAEError
 from patchae.tiling import Tiling, random_tile
@@ -520,3 +516,35 @@ class FolderDataModule(AnomalyDataModule):
 
     def _no_test_hint(self) -> str:
         return "set data.abnormal_dir and/or data.normal_test_dir"
+
+
+class PublicDataModule(AnomalyDataModule):
+    """One category of a public data set (``dataset``: a key of :data:`DATASETS`) under ``root``.
+
+    ``download`` fetches the archive when the category is missing; ``url`` and ``sha256`` replace the known
+    ones (None keeps them). A data set without a known SHA-256 is downloaded only once ``sha256`` is set.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        root: str | Path,
+        category: str,
+        download: bool = False,
+        url: str | None = None,
+        sha256: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.spec = dataset_spec(dataset)
+        super().__init__(root, self.spec.canonical(str(category)), **kwargs)
+        self.download = bool(download)
+        source = self.spec.source
+        self.source = dataclasses.replace(source, url=url or source.url, sha256=sha256 or source.sha256)
+
+    def prepare_data(self) -> None:
+        if self.download and not self.spec.is_present(self.root, self.category):
+            self.spec.check_category(self.category)  # before a download of gigabytes, not after it
+            download_dataset(self.source, self.root, only=self.category if self.spec.categories else None)
+
+    def samples(self, split: str) -> list[Sample]:
+        return self.spec.samples(self.root, self.category, split)

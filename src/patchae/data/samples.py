@@ -1,38 +1,20 @@
-"""Listing (image, label, mask) samples from the MVTec AD layout or from plain folders of images."""
+"""A sample (image path, label, mask path) and what every data set's layout shares; the layouts themselves are in
+:mod:`patchae.data.datasets`."""
 
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from patchae.data.images import IMAGE_EXTENSIONS, is_image_file, load_mask
-from patchae.errors import PatchAEError, finite_number
+from patchae.data.images import is_image_file, load_mask
+from patchae.errors import PatchAEError
 
 logger = logging.getLogger(__name__)
 
-MVTEC_CATEGORIES: tuple[str, ...] = (
-    "bottle",
-    "cable",
-    "capsule",
-    "carpet",
-    "grid",
-    "hazelnut",
-    "leather",
-    "metal_nut",
-    "pill",
-    "screw",
-    "tile",
-    "toothbrush",
-    "transistor",
-    "wood",
-    "zipper",
-)
-GRAYSCALE_CATEGORIES: tuple[str, ...] = ("grid", "screw", "zipper")
 SPLITS: tuple[str, ...] = ("train", "test")
 GOOD = "good"
 
@@ -87,178 +69,3 @@ def check_split(split: str) -> str:
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside ``folder``, sorted by name (hidden files skipped)."""
     return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
-
-
-def mvtec_samples(root: str | Path, category: str, split: str) -> list[Sample]:
-    """Samples of one category in the official MVTec AD layout.
-
-    ``root/category/train/good/*`` are the training images; ``root/category/test/<defect>/*`` the test images
-    (``good`` = normal), with masks at ``root/category/ground_truth/<defect>/<stem>_mask.png``. Any category
-    name works when its folder exists, so custom data in this layout is supported.
-    """
-    check_split(split)
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise PatchAEError(f"MVTec AD root {root} not found; set data.root=<path> or data.download=true")
-    category_dir = root / category
-    if not category_dir.is_dir():
-        raise PatchAEError(_missing_category_message(root, category))
-    if split == "train":
-        return _mvtec_train(category_dir)
-    return _mvtec_test(category_dir)
-
-
-def _missing_category_message(root: Path, category: str) -> str:
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    found_text = ", ".join(found) if found else "none"
-    if category in MVTEC_CATEGORIES:
-        return (
-            f"MVTec AD category {category!r} not found in {root} (folders found: {found_text}); "
-            "set data.download=true or point data.root at a folder that contains it"
-        )
-    return (
-        f"unknown category {category!r}: no folder {root / category}, and it is not one of the MVTec AD "
-        f"categories ({', '.join(MVTEC_CATEGORIES)}); folders found in {root}: {found_text}"
-    )
-
-
-def _mvtec_train(category_dir: Path) -> list[Sample]:
-    good_dir = category_dir / "train" / GOOD
-    images = list_images(good_dir) if good_dir.is_dir() else []
-    if not images:
-        raise PatchAEError(
-            f"no training images in {good_dir}; the MVTec AD layout needs <category>/train/good/ with images "
-            f"({', '.join(IMAGE_EXTENSIONS)})"
-        )
-    return [Sample(path, 0, None, GOOD) for path in images]
-
-
-def _mvtec_test(category_dir: Path) -> list[Sample]:
-    test_dir = category_dir / "test"
-    if not test_dir.is_dir():
-        raise PatchAEError(f"no test folder {test_dir}; the MVTec AD layout needs <category>/test/<defect>/")
-    samples: list[Sample] = []
-    for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        defect = defect_dir.name
-        for path in list_images(defect_dir):
-            if defect == GOOD:
-                samples.append(Sample(path, 0, None, GOOD))
-            else:
-                samples.append(Sample(path, 1, _mvtec_mask(category_dir, defect, path), defect))
-    if not samples:
-        raise PatchAEError(f"no test images in {test_dir}/<defect>/; add test images or check the path")
-    if not (category_dir / "ground_truth").is_dir():
-        logger.warning(
-            "%s has no ground_truth/ folder: image-level data, so pixel AUROC and AUPRO are n/a", category_dir
-        )
-    n_good = sum(s.label == 0 for s in samples)
-    if n_good in (0, len(samples)):
-        kind = "no good" if n_good == 0 else "only good"
-        logger.warning("%s has %s test images: image-level AUROC needs both classes", test_dir, kind)
-    return samples
-
-
-def _mvtec_mask(category_dir: Path, defect: str, image_path: Path) -> Path | None:
-    """The mask of a defect image; None for image-level data (a category without ``ground_truth/``)."""
-    if not (category_dir / "ground_truth").is_dir():
-        return None
-    mask_dir = category_dir / "ground_truth" / defect
-    expected = mask_dir / f"{image_path.stem}_mask.png"
-    if expected.is_file():
-        return expected
-    if mask_dir.is_dir():  # custom data: tolerate other image formats for the mask
-        for extension in IMAGE_EXTENSIONS:
-            for candidate in (
-                mask_dir / f"{image_path.stem}_mask{extension}",
-                mask_dir / f"{image_path.stem}{extension}",
-            ):
-                if candidate.is_file():
-                    return candidate
-    raise PatchAEError(
-        f"defect image {image_path} has no mask: expected {expected}; add the mask or remove the image"
-    )
-
-
-def folder_samples(
-    normal_dir: str | Path,
-    abnormal_dir: str | Path | None = None,
-    mask_dir: str | Path | None = None,
-    normal_test_dir: str | Path | None = None,
-    split: str = "train",
-    test_split_ratio: float = 0.2,
-    seed: int = 0,
-) -> list[Sample]:
-    """Samples from the user's own folders of images.
-
-    Train: the images in ``normal_dir``, minus a held-out ``test_split_ratio`` fraction when ``abnormal_dir``
-    is given but ``normal_test_dir`` is not (the held-out normals then join the test set, chosen by ``seed``).
-    Test: held-out or ``normal_test_dir`` normals, then the ``abnormal_dir`` images. An abnormal image's mask is
-    ``mask_dir/<stem>.png`` or ``mask_dir/<stem>_mask.png`` (any image extension); without one the image has
-    no pixel labels. With neither ``abnormal_dir`` nor ``normal_test_dir`` the test split is empty.
-    """
-    check_split(split)
-    if not 0.0 <= finite_number("data.test_split_ratio", test_split_ratio) < 1.0:
-        raise PatchAEError(f"data.test_split_ratio must be in [0, 1), got {test_split_ratio}")
-    normals = _folder_images(normal_dir, "normal_dir")
-    abnormals = _folder_images(abnormal_dir, "abnormal_dir") if abnormal_dir is not None else []
-    normal_tests = _folder_images(normal_test_dir, "normal_test_dir") if normal_test_dir is not None else []
-    if mask_dir is not None and abnormal_dir is None:
-        raise PatchAEError(f"mask_dir ({mask_dir}) is set but abnormal_dir is not; set abnormal_dir too")
-
-    train, held_out = normals, []
-    if normal_test_dir is None and abnormal_dir is not None and test_split_ratio > 0:
-        n_held_out = min(max(1, round(len(normals) * test_split_ratio)), len(normals) - 1)
-        if n_held_out > 0:
-            chosen = set(random.Random(seed).sample(range(len(normals)), n_held_out))
-            held_out = [p for i, p in enumerate(normals) if i in chosen]
-            train = [p for i, p in enumerate(normals) if i not in chosen]
-
-    if split == "train":
-        return [Sample(path, 0, None, GOOD) for path in train]
-    masks = _mask_index(Path(mask_dir).expanduser(), "mask_dir") if mask_dir is not None else {}
-    samples = [Sample(path, 0, None, GOOD) for path in (held_out + normal_tests)]
-    samples += [Sample(path, 1, _match_mask(path, masks), "abnormal") for path in abnormals]
-    if masks and abnormals and all(s.mask_path is None for s in samples if s.label == 1):
-        logger.warning(
-            "no mask in %s matches an image in %s (expected <stem>.png or <stem>_mask.png); "
-            "pixel metrics will be skipped",
-            mask_dir,
-            abnormal_dir,
-        )
-    return samples
-
-
-def _folder_images(folder: str | Path, name: str) -> list[Path]:
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise PatchAEError(
-            f"{name} {folder} not found or not a folder; set data.{name} to a folder of images"
-        )
-    images = list_images(folder)
-    if not images:
-        subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-        hint = (
-            f" (it has subfolders {', '.join(subfolders)}: point data.{name} at one of them)"
-            if subfolders
-            else ""
-        )
-        raise PatchAEError(f"{name} {folder} contains no images ({', '.join(IMAGE_EXTENSIONS)}){hint}")
-    return images
-
-
-def _mask_index(folder: Path, name: str) -> dict[str, Path]:
-    """Mask files by the stem of the image they belong to (``x.png`` and ``x_mask.png`` both map to ``x``)."""
-    if not folder.is_dir():
-        raise PatchAEError(f"{name} {folder} not found or not a folder; set data.{name} to a folder of masks")
-    index: dict[str, Path] = {}
-    for path in list_images(folder):
-        stem = path.stem
-        if stem.endswith("_mask"):
-            index.setdefault(stem[: -len("_mask")], path)
-        else:
-            index[stem] = path  # an exact-stem mask wins over a <stem>_mask one
-    return index
-
-
-def _match_mask(image_path: Path, masks: dict[str, Path]) -> Path | None:
-    return masks.get(image_path.stem)

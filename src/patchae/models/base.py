@@ -11,7 +11,7 @@ from patchae.checkpoints import to_plain
 from patchae.errors import PatchAEError, finite_number
 from patchae.memory import MemoryBank, torch_nearest
 from patchae.metrics import AnomalyMetrics
-from patchae.scoring import anomaly_maps, check_image_score, image_scores, reweighted_image_scores
+from patchae.scoring.maps import anomaly_maps, check_image_score, image_scores, reweighted_image_scores
 from patchae.thresholds import Thresholds, calibrate, check_method, check_quantile, decision_accuracy
 from patchae.tiling import Tiling
 
@@ -24,7 +24,7 @@ def search_chunks(budget_mb: float, bank_size: int) -> tuple[int, int]:
     """(query chunk, bank chunk) sizes so that one distance block of :func:`torch_nearest` fits ``budget_mb``.
 
     A block peaks at about two float32 (queries x bank) matrices: the distances and top-k's workspace
-    (measured with ``python -m patchae.inference_benchmark mode=bank``).
+    (measured with ``python -m patchae.benchmarks.inference mode=bank``).
     """
     budget = max(int(budget_mb * 2**20) // 8, 1 << 16)  # block elements
     bank_chunk = max(1, min(bank_size, 16384))
@@ -70,7 +70,7 @@ class AnomalyModule(L.LightningModule):
     Testing also calibrates the decision threshold (:mod:`patchae.thresholds`): the F1-optimal one on the
     test split and a label-free quantile of the scores of held-out normal images (the data module's
     ``holdout_dataloader``, when it has one). ``self.thresholds`` is saved in the checkpoint together with
-    the model's class, so :func:`patchae.predict.load_model` restores the right model.
+    the model's class, so :func:`patchae.deploy.predict.load_model` restores the right model.
 
     Models that score by their own reconstruction error instead (``scores_by_bank = False``, see
     :mod:`patchae.models.reconstruction`) fit normal-image statistics at the end of fit instead of a bank.

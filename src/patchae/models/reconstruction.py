@@ -4,7 +4,7 @@ and the scoring by reconstruction error instead of a memory bank.
 Their anomaly map is a weighted sum of error terms (SSL-AE: the reconstruction error; DAAD: that and its
 discriminator-feature distance), each standardised with its mean and standard deviation over the normal
 training images, fitted at the end of fit (and, with the current weights, before every validation). The map is
-then blurred and the image score taken exactly as for the bank models (:mod:`patchae.scoring`).
+then blurred and the image score taken exactly as for the bank models (:mod:`patchae.scoring.maps`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 from patchae.errors import PatchAEError
 from patchae.models.backbone import create_feature_extractor
 from patchae.models.base import AnomalyModule
-from patchae.scoring import anomaly_maps, image_scores
+from patchae.scoring.maps import anomaly_maps, image_scores
 
 
 def conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:

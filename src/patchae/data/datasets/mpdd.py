@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from patchae.data.datasets.mvtec import mvtec_samples
 from patchae.data.datasets.spec import DatasetSpec, category_dir
 from patchae.data.download import DatasetSource
-from patchae.data.samples import Sample, mvtec_samples
+from patchae.data.samples import Sample
 
 # The authors share MPDD through a link on their repository page only (no direct, stable archive URL and no
 # published checksum): download it by hand. The licence is the one the authors state (CC BY-NC-SA 4.0; not

@@ -1,9 +1,9 @@
 """Benchmark: run (or collect) Patch AE, PatchCore, SSL-AE and DAAD (``--models``, any conf/model name) on many
 categories and write one comparison table.
 
-    python -m patchae.benchmark run --categories bottle data.root=../shared/data/mvtec_ad backbone=efficientnet_lite0
-    python -m patchae.benchmark collect multirun/2026-01-01_12-00-00   # any runs with a results.json
-    python -m patchae.benchmark collect                                 # the latest directory under multirun/
+    python -m patchae.benchmarks.accuracy run --categories bottle data.root=../shared/data/mvtec_ad backbone=efficientnet_lite0
+    python -m patchae.benchmarks.accuracy collect multirun/2026-01-01_12-00-00   # any runs with a results.json
+    python -m patchae.benchmarks.accuracy collect                                 # the latest directory under multirun/
 
 Writes ``benchmark.md``, ``benchmark.csv`` and ``benchmark.png`` beside the runs: one row per category and
 method (plus the mean over categories), with the image AUROC the papers published for the same category.
@@ -470,7 +470,7 @@ def latest_multirun(root: Path = Path("multirun")) -> Path:
     if not candidates:
         raise PatchAEError(
             f"no runs under {root}/; give the directories to collect, e.g. "
-            "python -m patchae.benchmark collect outputs/bottle"
+            "python -m patchae.benchmarks.accuracy collect outputs/bottle"
         )
     # By when its runs finished: writing the table files into an older directory must not make it the latest.
     return max(candidates, key=lambda path: max(finished_times(path), default=path.stat().st_mtime))
@@ -673,7 +673,9 @@ def parse_list(text: str, everything: Sequence[str] = ()) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m patchae.benchmark", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m patchae.benchmarks.accuracy", description=__doc__.split("\n\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="train and test every (model, category), then collect")
     run_parser.add_argument(

@@ -1,6 +1,6 @@
 """Inference runtimes of predict.py: torch (the checkpoint's model) or ONNX Runtime (its exported graph).
 
-``runtime=onnx`` exports the checkpoint once with :func:`patchae.export.export_model` (exact matmul search, the
+``runtime=onnx`` exports the checkpoint once with :func:`patchae.deploy.export.export_model` (exact matmul search, the
 same maps and scores to float rounding) to ``<checkpoint dir>/export/model.onnx``, reused while it is newer than
 the checkpoint, and scores batches with ONNX Runtime on CPU. Thresholds stay in Python, so ``threshold=`` and
 ``threshold_method=`` overrides work as with torch.
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from patchae.deploy.export import BANK_BLOCK, export_model
 from patchae.errors import PatchAEError
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,6 @@ def check_runtime(runtime: str) -> str:
 def onnx_file(ckpt: str | Path, bank_block: int | None = None) -> Path:
     """``model.onnx`` of a checkpoint: its earlier export when that is newer than the checkpoint, else a new one
     (in the checkpoint's ``export/`` folder, or a temporary folder when that is not writable)."""
-    from patchae.export import BANK_BLOCK, export_model  # export imports predict, which imports this module
-
     ckpt = Path(ckpt).expanduser()
     folder = ckpt.parent / "export"
     path = folder / "model.onnx"

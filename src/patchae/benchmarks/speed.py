@@ -1,7 +1,7 @@
 """Speed against anomalib: patchae's Patch AE and PatchCore beside anomalib's PatchCore on the same machine.
 
     make bench-speed                                   # installs the bench extra (anomalib), bottle, 10 % coreset
-    python -m patchae.speed_benchmark root=data/mvtec_ad category=bottle coreset_ratio=0.1
+    python -m patchae.benchmarks.speed root=data/mvtec_ad category=bottle coreset_ratio=0.1
 
 Every system runs in a process of its own (``isolate=true``), so each reports its own peak memory, with the
 same data, image size (256 -> 224 px), backbone (EfficientNet-Lite0 stages 2 + 3, the ImageNet weights that
@@ -36,8 +36,8 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from patchae.benchmarks.inference import peak_memory_mb, time_scoring
 from patchae.errors import PatchAEError
-from patchae.inference_benchmark import peak_memory_mb, time_scoring
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @dataclass
 class SpeedConfig:
-    """``python -m patchae.speed_benchmark key=value ...``"""
+    """``python -m patchae.benchmarks.speed key=value ...``"""
 
     root: str = "data/mvtec_ad"  # MVTec AD layout: <root>/<category>/{train,test,ground_truth}
     category: str = "bottle"
@@ -129,8 +129,9 @@ def image_auroc(rows: list[dict[str, Any]]) -> float:
 
 def run_patchae(cfg: SpeedConfig, system: str, workdir: Path) -> dict[str, Any]:
     from patchae import callbacks
-    from patchae.predict import load_model, predict_to_folder
-    from patchae.runtime import OnnxScorer, onnx_file
+    from patchae.deploy.loading import load_model
+    from patchae.deploy.predict import predict_to_folder
+    from patchae.deploy.runtime import OnnxScorer, onnx_file
     from patchae.train import fit_and_test
 
     train_cfg = train_config(cfg, system, workdir / system)
@@ -337,7 +338,7 @@ def run_system(
 ) -> dict[str, Any]:
     """One system, in this process; its peak memory is this process's."""
     if cfg.threads is not None:
-        from patchae.predict import set_threads
+        from patchae.deploy.loading import set_threads
 
         set_threads(cfg.threads)
     if system == "anomalib":
@@ -363,7 +364,7 @@ def run_isolated(
     command = [
         sys.executable,
         "-m",
-        "patchae.speed_benchmark",
+        "patchae.benchmarks.speed",
         f"--config={workdir / f'{system}.config.yaml'}",
     ]
     completed = subprocess.run(command)
@@ -556,7 +557,7 @@ def parse(args: list[str]) -> SpeedConfig:
     except Exception as error:  # omegaconf's errors for unknown keys and wrong types
         raise PatchAEError(
             f"bad argument ({str(error).splitlines()[0]}); use key=value with keys of: "
-            "python -m patchae.speed_benchmark --help"
+            "python -m patchae.benchmarks.speed --help"
         ) from None
     return OmegaConf.to_object(cfg)
 

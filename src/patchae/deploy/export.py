@@ -33,10 +33,10 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from patchae.data.transforms import ImageTransform
+from patchae.deploy.loading import load_model, pick_thresholds
 from patchae.errors import PatchAEError
 from patchae.models.base import AnomalyModule
-from patchae.predict import load_model, pick_thresholds
-from patchae.scoring import MAX_OPERATOR_SIDE, blur_kernel_size, image_scores, map_operator
+from patchae.scoring.maps import MAX_OPERATOR_SIDE, blur_kernel_size, image_scores, map_operator
 from patchae.thresholds import Thresholds, normalize_scores
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def nearest_bank_distances(queries: Tensor, bank: Tensor, bank_sq: Tensor, k: in
 
 
 class GaussianBlur(nn.Module):
-    """The blur of :func:`patchae.scoring.anomaly_maps` (same kernel, reflect padding) with the kernel as a
+    """The blur of :func:`patchae.scoring.maps.anomaly_maps` (same kernel, reflect padding) with the kernel as a
     buffer, so ONNX sees a convolution of known shape; separable: two 1-D passes."""
 
     def __init__(self, sigma: float) -> None:
@@ -128,7 +128,7 @@ class ExportableScorer(nn.Module):
         self.register_buffer("map_cols", None)
         size = input_shape(model)
         if model.scores_by_bank and model.tiling is None and max(size) <= MAX_OPERATOR_SIDE:
-            # Upsampling and blur as two matmuls (patchae.scoring.anomaly_maps), ~100x faster in ONNX Runtime than
+            # Upsampling and blur as two matmuls (patchae.scoring.maps.anomaly_maps), ~100x faster in ONNX Runtime than
             # a convolution; the operators are made here, not while tracing, so the graph holds them as constants.
             with torch.no_grad():
                 grid = model.embed(torch.zeros(1, 3, *size, device=model.device)).shape[-2:]

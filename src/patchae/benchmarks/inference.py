@@ -1,9 +1,9 @@
 """Inference benchmark: images/s and per-image latency, and nearest-neighbour search on very large banks.
 
-    python -m patchae.inference_benchmark                        # throughput, untrained EfficientNet-Lite0
-    python -m patchae.inference_benchmark ckpt=<model.ckpt>      # throughput of a trained model
-    python -m patchae.inference_benchmark mode=bank bank_size=1000000   # chunked search memory, IVF/PQ recall
-    python -m patchae.inference_benchmark mode=all output=bench.json
+    python -m patchae.benchmarks.inference                        # throughput, untrained EfficientNet-Lite0
+    python -m patchae.benchmarks.inference ckpt=<model.ckpt>      # throughput of a trained model
+    python -m patchae.benchmarks.inference mode=bank bank_size=1000000   # chunked search memory, IVF/PQ recall
+    python -m patchae.benchmarks.inference mode=all output=bench.json
 
 ``throughput``: normalised batches of the model's input size go through the full scoring path (embedding,
 bank search, maps, scores) for each batch size; the report gives images/s and the p50/p95 latency per
@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchae.cli import run_command
+from patchae.benchmarks.cli import run_command
 from patchae.data.transforms import ImageTransform
+from patchae.deploy.loading import load_model, resolve_device, set_threads
 from patchae.errors import PatchAEError
 from patchae.memory import MemoryBank, torch_nearest
 from patchae.models import AnomalyModule, PatchAEModule
 from patchae.models.base import search_chunks
-from patchae.predict import load_model, resolve_device, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def benchmark_bank(
 # -- command line ----------------------------------------------------------------------------------------
 @dataclass
 class BenchmarkConfig:
-    """``python -m patchae.inference_benchmark key=value ...``"""
+    """``python -m patchae.benchmarks.inference key=value ...``"""
 
     mode: str = "throughput"  # throughput | bank | all
     ckpt: str | None = None  # a trained model; default: untrained EfficientNet-Lite0 with a random bank
@@ -362,7 +362,7 @@ def format_results(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     return run_command(
-        "patchae.inference_benchmark", __doc__, BenchmarkConfig, run_benchmark, format_results, argv
+        "patchae.benchmarks.inference", __doc__, BenchmarkConfig, run_benchmark, format_results, argv
     )
 
 

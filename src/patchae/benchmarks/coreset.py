@@ -1,8 +1,8 @@
 """Coreset benchmark: time and coverage of the coreset methods on large banks of patch vectors.
 
-    python -m patchae.coreset_benchmark                                    # 1M synthetic 128-d vectors
-    python -m patchae.coreset_benchmark features=bottle_8x.pt size=100000  # a random 100k of saved vectors
-    python -m patchae.coreset_benchmark data_root=../shared/data/mvtec_ad category=bottle transforms=8 \\
+    python -m patchae.benchmarks.coreset                                    # 1M synthetic 128-d vectors
+    python -m patchae.benchmarks.coreset features=bottle_8x.pt size=100000  # a random 100k of saved vectors
+    python -m patchae.benchmarks.coreset data_root=../shared/data/mvtec_ad category=bottle transforms=8 \\
         features=/tmp/bottle_8x.pt                                         # embed once, then reuse the file
 
 For each method (``bank.coreset_method``) the report gives the wall and process CPU seconds of the selection
@@ -29,7 +29,7 @@ import faiss
 import numpy as np
 import torch
 
-from patchae.cli import run_command
+from patchae.benchmarks.cli import run_command
 from patchae.errors import PatchAEError
 from patchae.memory.coreset import CORESET_METHODS, DEFAULT_PART_SIZE, coreset_size, greedy_coreset
 
@@ -157,7 +157,7 @@ def time_selection(
 # -- command line ----------------------------------------------------------------------------------------
 @dataclass
 class BenchmarkConfig:
-    """``python -m patchae.coreset_benchmark key=value ...``"""
+    """``python -m patchae.benchmarks.coreset key=value ...``"""
 
     features: str | None = None  # a saved (N, D) tensor (.pt or .npy); with data_root: where to save it
     data_root: str | None = None  # embed this dataset's training images (category, backbone, transforms)
@@ -229,7 +229,7 @@ def format_results(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     return run_command(
-        "patchae.coreset_benchmark", __doc__, BenchmarkConfig, run_benchmark, format_results, argv
+        "patchae.benchmarks.coreset", __doc__, BenchmarkConfig, run_benchmark, format_results, argv
     )
 
 

@@ -1,0 +1,1 @@
+"""Deployment: loading trained models, screening images (predict), export to TorchScript / ONNX, runtimes."""
