@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_tiny_sweep
-from patchae import benchmark
+from patchae.benchmarks import accuracy as benchmark
 from patchae.benchmarks.accuracy import (
     MEAN,
     PAPER_PATCHCORE,

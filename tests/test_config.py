@@ -155,23 +155,14 @@ def test_patchcore_shares_the_backbone_and_bank_settings_of_patch_ae(tmp_path):
     ]
     patch_ae = compose_config([*overrides, "model=patch_ae"], tmp_path).model
     patchcore = compose_config([*overrides, "model=patchcore"], tmp_path).model
-    for key in (
-        "backbone",
-        "layers",
-        "num_neighbors",
-        "search",
-        "blur_sigma",
-        "image_size",
-        "crop_size",
-        "mean",
-        "threshold_method",
-        "threshold_quantile",
-        "threshold_value",
-    ):
+    for key in ("backbone", "layers", "scoring", "bank", "threshold", "preprocessing"):
         assert (
             OmegaConf.to_container(patchcore, resolve=True)[key]
             == OmegaConf.to_container(patch_ae, resolve=True)[key]
         )
+    resolved = OmegaConf.to_container(patchcore, resolve=True)
+    assert resolved["bank"]["num_neighbors"] == 3 and resolved["bank"]["search"] == "torch"
+    assert resolved["scoring"]["blur_sigma"] == 2 and resolved["threshold"]["quantile"] == 0.95
 
 
 def test_patchcore_run_skips_training(tmp_path):

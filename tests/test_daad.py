@@ -14,11 +14,11 @@ SMALL = {"channels": (4, 8, 16), "block_sizes": (4, 2, 1), "memory_items": 10}
 def test_shapes():
     model = DAADModule(**SMALL, discriminator_width=4)
     images = torch.randn(2, 3, 32, 48)
-    assert model.model(images).shape == (2, 3, 32, 48)
-    logits, features = model.discriminator(images)
+    assert model.model.network(images).shape == (2, 3, 32, 48)
+    logits, features = model.model.discriminator(images)
     assert logits.shape == (2, 1, 4, 6) and features.shape == (2, 16, 4, 6)
-    assert model.error_terms(images).shape == (2, 2, 32, 48)
-    model.fit_normal_statistics([{"image": torch.randn(3, 3, 32, 32)}])
+    assert model.model.error_terms(images).shape == (2, 2, 32, 48)
+    model.model.fit([torch.randn(3, 3, 32, 32)])
     maps, scores = model(images)
     assert maps.shape == (2, 32, 48) and scores.shape == (2,)
 
@@ -64,16 +64,18 @@ def test_bad_block_settings_say_what_to_change():
         "a feature map of 6x8 cannot be divided into 4x4 blocks; change model.block_sizes or the image size"
     )
     with pytest.raises(PatchAEError, match="must be a multiple of 16"):
-        DAADModule(memory_items=2).error_terms(torch.randn(1, 3, 24, 24))  # 4 px blocks at stride 4: 16 px
+        DAADModule(memory_items=2).model.error_terms(
+            torch.randn(1, 3, 24, 24)
+        )  # 4 px blocks at stride 4: 16 px
 
 
 def test_discriminator_feature_term_is_zero_for_a_perfect_reconstruction():
     model = DAADModule(**SMALL, discriminator_width=4)
-    model.model = torch.nn.Identity()
-    model.model.check_input = lambda images: None
-    terms = model.error_terms(torch.randn(1, 3, 32, 32))
+    model.model.network = torch.nn.Identity()
+    model.model.network.check_input = lambda images: None
+    terms = model.model.error_terms(torch.randn(1, 3, 32, 32))
     assert torch.count_nonzero(terms) == 0
-    assert isinstance(model.discriminator, Discriminator)
+    assert isinstance(model.model.discriminator, Discriminator)
 
 
 def test_pretrained_encoder_option():
@@ -84,5 +86,5 @@ def test_pretrained_encoder_option():
         backbone="tf_efficientnet_lite0",
         pretrained=False,
     )
-    assert [m.memory.shape[1] for m in model.model.level_modules] == [8 * 16, 16 * 4, 24 * 4, 40, 112]
-    assert model.model(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+    assert [m.memory.shape[1] for m in model.model.network.level_modules] == [8 * 16, 16 * 4, 24 * 4, 40, 112]
+    assert model.model.network(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)

@@ -10,7 +10,6 @@ from checkpoint_fixture import session_checkpoint_fixture
 from patchae.deploy.export import (
     export_model,
     main,
-    nearest_bank_distances,
     reference_outputs,
     run_onnx,
     run_torchscript,
@@ -77,12 +76,14 @@ def test_export_records_preprocessing_and_threshold(exported, trained, test_imag
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_blockwise_matmul_search_equals_exact_search(k):
+def test_the_exported_blockwise_search_equals_brute_force(k):
+    """The graph's search (all queries at once, 128-row bank blocks, as while tracing) against cdist."""
     generator = torch.Generator().manual_seed(0)
-    bank, queries = torch.randn(1000, 8, generator=generator), torch.randn(2, 50, 8, generator=generator)
-    distances = nearest_bank_distances(queries, bank, (bank * bank).sum(1), k, block=128)
-    expected = torch_nearest(queries.reshape(-1, 8), bank, k=k)[0].mean(dim=1).reshape(2, 50)
-    assert torch.allclose(distances, expected, atol=1e-5)
+    bank, queries = torch.randn(1000, 8, generator=generator), torch.randn(100, 8, generator=generator)
+    distances, indices = torch_nearest(queries, bank, k=k, chunk_size=None, bank_chunk_size=128)
+    expected = torch.cdist(queries.double(), bank.double()).topk(k, dim=1, largest=False)
+    assert torch.equal(indices, expected.indices)
+    assert torch.allclose(distances.double(), expected.values, atol=1e-5)
 
 
 def test_export_command_line_errors_are_one_line(tmp_path, capsys):

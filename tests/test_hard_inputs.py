@@ -133,9 +133,14 @@ def save_untrained_checkpoint(path, backbone="resnet18"):
     """A checkpoint in train.py's format, from another backbone, without training (bank = its own patches)."""
     torch.manual_seed(0)
     model = PatchAEModule(
-        backbone, (2, 3), pretrained=False, c3=16, image_size=64, crop_size=48, blur_sigma=1.0
+        backbone,
+        (2, 3),
+        pretrained=False,
+        c3=16,
+        preprocessing={"image_size": 64, "crop_size": 48},
+        scoring={"blur_sigma": 1.0},
     ).eval()
-    model.set_memory_bank(model.embed_patches(torch.randn(2, 3, 48, 48)))
+    model.model.scorer.fit(model.model.embed_patches(torch.randn(2, 3, 48, 48)))
     model.thresholds = Thresholds(method="manual", value=1.0, low=0.0, high=2.0)
     checkpoint = {
         "state_dict": model.state_dict(),

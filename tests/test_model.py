@@ -104,10 +104,10 @@ def test_training_step_reduces_loss():
 
 def test_batchnorm_statistics_stay_frozen_while_training():
     module = PatchAEModule("resnet18", (2, 3), pretrained=False, c3=32, freeze_batchnorm=True).train()
-    bn = module.model.backbone.bn1
+    bn = module.model.network.backbone.bn1
     assert not bn.training
     before = bn.running_mean.clone()
-    module.model(torch.randn(2, 3, 32, 32) * 3 + 1)
+    module.model.network(torch.randn(2, 3, 32, 32) * 3 + 1)
     assert torch.equal(bn.running_mean, before)
 
 
@@ -115,7 +115,9 @@ def test_batchnorm_statistics_stay_frozen_while_training():
 def test_fitting_keeps_the_pretrained_batchnorm_statistics_when_frozen(freeze):
     """Lightning never calls train() when fitting starts: the freeze must hold in a real fit too."""
     module = PatchAEModule("resnet18", (2, 3), pretrained=False, c3=32, freeze_batchnorm=freeze)
-    before = {name: b.clone() for name, b in module.model.backbone.named_buffers() if "running_mean" in name}
+    before = {
+        name: b.clone() for name, b in module.model.network.backbone.named_buffers() if "running_mean" in name
+    }
     images = [{"image": torch.randn(3, 32, 32) * 3 + 1} for _ in range(4)]
     trainer = L.Trainer(
         max_steps=2,
@@ -126,7 +128,7 @@ def test_fitting_keeps_the_pretrained_batchnorm_statistics_when_frozen(freeze):
         enable_model_summary=False,
     )
     trainer.fit(module, DataLoader(images, batch_size=2))
-    after = dict(module.model.backbone.named_buffers())
+    after = dict(module.model.network.backbone.named_buffers())
     unchanged = all(torch.equal(before[name], after[name]) for name in before)
     assert unchanged == freeze
 
@@ -143,10 +145,12 @@ def test_every_trainable_backbone_weight_gets_a_gradient():
 
 @pytest.mark.parametrize("search", ["faiss", "torch"])
 def test_scoring_against_a_bank(search):
-    module = PatchAEModule("resnet18", (2, 3), pretrained=False, c3=16, search=search, blur_sigma=1.0).eval()
+    module = PatchAEModule(
+        "resnet18", (2, 3), pretrained=False, c3=16, bank={"search": search}, scoring={"blur_sigma": 1.0}
+    ).eval()
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        module.set_memory_bank(module.embed_patches(images[:2]))
+        module.model.scorer.fit(module.model.embed_patches(images[:2]))
         maps, scores = module(images)
     assert maps.shape == (3, 64, 64)
     assert scores.shape == (3,)
@@ -186,24 +190,35 @@ def test_bank_of_representation_and_pretrained_features():
     training vectors; fine-tuning never moves the copy."""
     torch.manual_seed(0)
     module = PatchAEModule(
-        "resnet18", (2, 3), pretrained=False, c3=16, search="torch", bank_features="representation+pretrained"
+        "resnet18",
+        (2, 3),
+        pretrained=False,
+        c3=16,
+        bank={"search": "torch"},
+        bank_features="representation+pretrained",
     )
     images = torch.randn(3, 3, 64, 64)
     module.eval()
     with torch.no_grad():
-        assert module.embed(images).shape == (3, 16 + 128 + 256, 8, 8)
-        vectors = module.calibrate_embedding(module.embed_patches(images[:2]))
+        assert module.model.embed(images).shape == (3, 16 + 128 + 256, 8, 8)
+        vectors = module.model.calibrate_embedding(module.model.embed_patches(images[:2]))
         for block in (vectors[:, :16], vectors[:, 16:]):
             assert block.norm(dim=1).mean().item() == pytest.approx(1.0, rel=1e-4)
-        assert torch.allclose(module.embed_patches(images[:2]), vectors, atol=1e-5)  # queries scaled alike
-    copy_before = {k: v.clone() for k, v in module.pretrained_backbone.state_dict().items()}
+        assert torch.allclose(
+            module.model.embed_patches(images[:2]), vectors, atol=1e-5
+        )  # queries scaled alike
+    copy_before = {k: v.clone() for k, v in module.model.pretrained_backbone.state_dict().items()}
     optimizer = module.configure_optimizers()["optimizer"]
     module.train()
     module.training_step({"image": images}, 0).backward()
     optimizer.step()
-    assert not module.pretrained_backbone.training
-    assert all(torch.equal(v, module.pretrained_backbone.state_dict()[k]) for k, v in copy_before.items())
-    assert not torch.equal(module.model.backbone.conv1.weight, module.pretrained_backbone.conv1.weight)
+    assert not module.model.pretrained_backbone.training
+    assert all(
+        torch.equal(v, module.model.pretrained_backbone.state_dict()[k]) for k, v in copy_before.items()
+    )
+    assert not torch.equal(
+        module.model.network.backbone.conv1.weight, module.model.pretrained_backbone.conv1.weight
+    )
 
 
 def test_warmup_holds_the_backbone_still_while_the_head_learns():
@@ -211,12 +226,12 @@ def test_warmup_holds_the_backbone_still_while_the_head_learns():
     module = PatchAEModule("resnet18", (2, 3), pretrained=False, c3=16, lr=1e-2, warmup_epochs=1)
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
-    backbone_before = module.model.backbone.conv1.weight.clone()
-    head_before = module.model.decoder[0].weight.clone()
+    backbone_before = module.model.network.backbone.conv1.weight.clone()
+    head_before = module.model.network.decoder[0].weight.clone()
     module.train()
     module.training_step({"image": torch.randn(2, 3, 32, 32)}, 0).backward()
     optimizer.step()
-    assert torch.equal(module.model.backbone.conv1.weight, backbone_before)
-    assert not torch.equal(module.model.decoder[0].weight, head_before)
+    assert torch.equal(module.model.network.backbone.conv1.weight, backbone_before)
+    assert not torch.equal(module.model.network.decoder[0].weight, head_before)
     scheduler.step()  # epoch 1: the backbone learns at its own rate
     assert [group["lr"] for group in optimizer.param_groups] == [1e-2, 1e-2]

@@ -51,10 +51,10 @@ def test_patch_size_one_gives_the_plain_backbone_features():
     torch.manual_seed(0)
     model = PatchCoreModule("resnet18", layers=[2], pretrained=False, patch_size=1).eval()
     backbone = create_feature_extractor("resnet18", [2], pretrained=False)
-    backbone.load_state_dict(model.backbone.state_dict())
+    backbone.load_state_dict(model.model.backbone.state_dict())
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.allclose(model.embed(images), backbone.eval()(images)[0], atol=1e-6)
+        assert torch.allclose(model.model.embed(images), backbone.eval()(images)[0], atol=1e-6)
 
 
 def test_pool_channels_averages_neighbouring_channels():
@@ -91,10 +91,12 @@ def test_reweighted_score_matches_the_formula_by_hand():
 @pytest.mark.parametrize("search", ["faiss", "torch"])
 def test_scores_are_zero_for_images_in_the_bank(search):
     torch.manual_seed(0)
-    model = PatchCoreModule("resnet18", (2, 3), pretrained=False, search=search, blur_sigma=1.0).eval()
+    model = PatchCoreModule(
+        "resnet18", (2, 3), pretrained=False, bank={"search": search}, scoring={"blur_sigma": 1.0}
+    ).eval()
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        model.set_memory_bank(model.embed_patches(images[:2]))
+        model.model.scorer.fit(model.model.embed_patches(images[:2]))
         maps, scores = model(images)
     assert maps.shape == (3, 64, 64)
     assert scores[:2].max() < 1e-2
@@ -103,17 +105,25 @@ def test_scores_are_zero_for_images_in_the_bank(search):
 
 def test_reweighting_scales_the_largest_patch_score_down():
     torch.manual_seed(0)
-    plain = PatchCoreModule("resnet18", (2, 3), pretrained=False, search="torch", blur_sigma=0.0).eval()
+    plain = PatchCoreModule(
+        "resnet18", (2, 3), pretrained=False, bank={"search": "torch"}, scoring={"blur_sigma": 0.0}
+    )
+    plain.eval()
     reweighted = PatchCoreModule(
-        "resnet18", (2, 3), pretrained=False, search="torch", blur_sigma=0.0, reweight=True
+        "resnet18",
+        (2, 3),
+        pretrained=False,
+        bank={"search": "torch"},
+        scoring={"blur_sigma": 0.0},
+        reweight=True,
     )
     reweighted.load_state_dict(plain.state_dict(), strict=False)
     reweighted.eval()
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        bank = plain.embed_patches(images[:1])
-        plain.set_memory_bank(bank)
-        reweighted.set_memory_bank(bank)
+        bank = plain.model.embed_patches(images[:1])
+        plain.model.scorer.fit(bank)
+        reweighted.model.scorer.fit(bank)
         _, max_scores = plain(images)  # no blur: the map's max is the largest patch score s*
         maps, scores = reweighted(images)
     assert maps.shape == (3, 64, 64)
@@ -123,7 +133,7 @@ def test_reweighting_scales_the_largest_patch_score_down():
 
 def test_backbone_stays_frozen_in_eval_mode():
     model = PatchCoreModule("resnet18", (2, 3), pretrained=False).train()
-    assert not model.backbone.training
+    assert not model.model.backbone.training
     assert not any(p.requires_grad for p in model.parameters())
     assert model.requires_training is False
 
@@ -140,7 +150,7 @@ def test_bad_settings_are_clear_errors(kwargs, match):
 def test_input_size_must_fit_the_stride():
     model = PatchCoreModule("resnet18", (2, 3), pretrained=False)
     with pytest.raises(PatchAEError, match="multiple of"):
-        model.embed(torch.randn(1, 3, 70, 70))
+        model.model.embed(torch.randn(1, 3, 70, 70))
 
 
 def test_end_to_end_run_builds_the_bank_without_training(tmp_path):
@@ -169,7 +179,7 @@ def test_end_to_end_run_builds_the_bank_without_training(tmp_path):
     model = PatchCoreModule.load_from_checkpoint(
         out / "model.ckpt", pretrained=False, map_location="cpu"
     ).eval()
-    assert model.memory_bank.shape == (saved["bank_size"], 40 + 112)
+    assert model.model.scorer.bank.shape == (saved["bank_size"], 40 + 112)
     # The fit loop was skipped: the CSV log has the test metrics and no training loss.
     logged = (out / "csv" / "version_0" / "metrics.csv").read_text()
     assert "test/image_auroc" in logged
@@ -179,12 +189,16 @@ def test_end_to_end_run_builds_the_bank_without_training(tmp_path):
 def test_top_k_image_score_lies_between_the_maps_mean_and_max():
     torch.manual_seed(0)
     model = PatchCoreModule(
-        "resnet18", (2, 3), pretrained=False, search="torch", image_score="topk", top_k=0.05
+        "resnet18",
+        (2, 3),
+        pretrained=False,
+        bank={"search": "torch"},
+        scoring={"image_score": "topk", "top_k": 0.05},
     )
     model.eval()
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        model.set_memory_bank(model.embed_patches(images[:1]))
+        model.model.scorer.fit(model.model.embed_patches(images[:1]))
         maps, scores = model(images)
     flat = maps.flatten(1)
     expected = flat.topk(205, dim=1).values.mean(dim=1)  # ceil(0.05 * 64 * 64) pixels

@@ -20,7 +20,7 @@ from patchae.data import ImageTransform, SyntheticDataModule
 from patchae.deploy.predict import Predictor, folder_label, predict_to_folder
 from patchae.errors import PatchAEError
 from patchae.memory import MemoryBank, torch_nearest
-from patchae.models.base import search_chunks
+from patchae.scoring.bank import search_chunks
 
 trained = session_checkpoint_fixture()
 
@@ -58,7 +58,7 @@ def test_predict_writes_a_decision_an_overlay_and_a_summary_per_image(prediction
 def test_predicted_scores_equal_the_scores_seen_at_test_time(trained, prediction_run):
     _, _, rows = prediction_run
     predictor = Predictor.from_checkpoint(trained.ckpt, device="cpu")
-    hparams = predictor.model.hparams
+    preprocessing = predictor.model.preprocessing
     datamodule = SyntheticDataModule(
         root=trained.data_dir.parent,
         category=trained.data_dir.name,
@@ -66,10 +66,10 @@ def test_predicted_scores_equal_the_scores_seen_at_test_time(trained, prediction
         n_test_good=6,
         n_test_defect=6,
         synthetic_size=64,
-        image_size=hparams.image_size,
-        crop_size=hparams.crop_size,
-        mean=hparams.mean,
-        std=hparams.std,
+        image_size=preprocessing.image_size,
+        crop_size=preprocessing.crop_size,
+        mean=preprocessing.mean,
+        std=preprocessing.std,
     )
     with torch.no_grad():
         expected = {

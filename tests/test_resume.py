@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO, TINY_RUN, run_tiny_sweep
-from patchae import benchmark
+from patchae.benchmarks import accuracy as benchmark
 from patchae.errors import PatchAEError
 from patchae.resume import COMPLETE_KEY, complete_results
 from patchae.train import fit_and_test
@@ -88,8 +88,8 @@ def test_interrupted_fit_resumes_to_the_same_epochs_and_keeps_the_best_weights(t
     assert EpochRecorder.started == [2]  # only the epoch the interruption took: 3 in all
     assert results["selected_epoch"] == 0
     model = torch.load(run_dir / "model.ckpt", weights_only=True)
-    kept = {k: v for k, v in model["state_dict"].items() if k != "memory_bank"}
-    assert kept.keys() == best["best_state"].keys() - {"memory_bank"}
+    kept = {k: v for k, v in model["state_dict"].items() if k != "model.scorer.bank"}
+    assert kept.keys() == best["best_state"].keys() - {"model.scorer.bank"}
     assert all(torch.equal(kept[k], best["best_state"][k]) for k in kept)
     assert model["callbacks"]["BestEpochCallback"]["best_state"] is None  # one set of weights in model.ckpt
     assert results["train_seconds"] > seconds_before  # the interrupted fit's time counts

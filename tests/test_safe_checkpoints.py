@@ -123,7 +123,7 @@ def test_what_training_saves_loads_weights_only(trained):
     checkpoint = torch.load(trained.ckpt, weights_only=True)
     assert isinstance(checkpoint["hyper_parameters"]["layers"], list)
     model = load_model(trained.ckpt)
-    assert model.has_memory_bank and model.thresholds.is_set
+    assert model.is_fitted and model.thresholds.is_set
 
 
 def test_to_plain_turns_config_objects_into_plain_values(tmp_path):

@@ -10,11 +10,11 @@ CHANNELS = (4, 8, 16)
 
 
 def test_shapes():
-    model = SSLAEModule(channels=CHANNELS, image_size=32)
+    model = SSLAEModule(channels=CHANNELS, preprocessing={"image_size": 32})
     images = torch.randn(2, 3, 32, 48)
-    assert model.model(images).shape == (2, 3, 32, 48)
-    assert model.error_terms(images).shape == (2, 1, 32, 48)
-    model.fit_normal_statistics([{"image": torch.randn(3, 3, 32, 32)}])
+    assert model.model.network(images).shape == (2, 3, 32, 48)
+    assert model.model.error_terms(images).shape == (2, 1, 32, 48)
+    model.model.fit([torch.randn(3, 3, 32, 32)])
     maps, scores = model(images)
     assert maps.shape == (2, 32, 48) and scores.shape == (2,)
     assert torch.allclose(scores, maps.flatten(1).amax(dim=1))
@@ -25,21 +25,21 @@ def test_untrained_model_and_bad_sizes_say_what_to_do():
     with pytest.raises(PatchAEError, match="no normal-image statistics; train it first"):
         model(torch.randn(1, 3, 32, 32))
     with pytest.raises(PatchAEError) as error:
-        model.error_terms(torch.randn(1, 3, 30, 32))
+        model.model.error_terms(torch.randn(1, 3, 30, 32))
     assert str(error.value) == (
         "image size (30, 32) must be a multiple of 4 (the coarsest level of model.channels, or memory block); "
         "change data.image_size / data.crop_size"
     )
     with pytest.raises(PatchAEError, match="reweight needs a memory bank"):
-        SSLAEModule(image_score="reweight")
+        SSLAEModule(scoring={"image_score": "reweight"})
 
 
 def test_standardised_map_has_zero_mean_unit_std_on_the_fitting_images():
-    model = SSLAEModule(channels=CHANNELS, blur_sigma=0.0).eval()
+    model = SSLAEModule(channels=CHANNELS, scoring={"blur_sigma": 0.0}).eval()
     batch = {"image": torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
-    model.fit_normal_statistics([batch])
+    model.model.fit([batch["image"]])
     with torch.no_grad():
-        standard = model.patch_scores(batch["image"])
+        standard = model.model.scorer.standardized(model.model.error_terms(batch["image"]))
     assert abs(float(standard.mean())) < 1e-4 and abs(float(standard.std()) - 1) < 1e-3
 
 
@@ -53,10 +53,16 @@ def test_corrupted_input_is_deterministic_and_the_target_clean():
 
 def test_pretrained_encoder_option():
     model = SSLAEModule(channels=(8,), backbone="tf_efficientnet_lite0", pretrained=False, encoder_lr=1e-5)
-    assert model.model.channels == [8, 16, 24, 40, 112]  # level 0 ours, then the stages at strides 2 .. 16
-    assert model.model(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+    assert model.model.network.channels == [
+        8,
+        16,
+        24,
+        40,
+        112,
+    ]  # level 0 ours, then the stages at strides 2 .. 16
+    assert model.model.network(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
     model.train()
-    batchnorms = [m for m in model.model.pretrained.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    batchnorms = [m for m in model.model.network.pretrained.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert batchnorms and not any(m.training for m in batchnorms)
     groups = model.configure_optimizers().param_groups
     assert [group["lr"] for group in groups] == [1e-3, 1e-5]

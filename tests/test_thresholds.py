@@ -136,4 +136,4 @@ def test_testing_stores_both_thresholds_in_the_checkpoint(trained):
 
 def test_a_bad_threshold_value_is_refused_before_training():
     with pytest.raises(PatchAEError, match="threshold.value=nan must be a finite number"):
-        PatchAEModule("tf_efficientnet_lite0", (2, 3), pretrained=False, threshold_value=float("nan"))
+        PatchAEModule("tf_efficientnet_lite0", (2, 3), pretrained=False, threshold={"value": float("nan")})

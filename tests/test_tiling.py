@@ -83,12 +83,18 @@ def test_training_items_are_random_tiles_with_their_masks(tmp_path):
     assert next(iter(datamodule.test_dataloader()))["image"].shape[-2:] == (64, 64)  # tiled by the model
 
 
-def patchcore(**kwargs) -> PatchCoreModule:
+def patchcore(tiling: dict | None = None, **kwargs) -> PatchCoreModule:
     torch.manual_seed(0)  # the same random backbone and bank every time
     model = PatchCoreModule(
-        "resnet18", (2, 3), pretrained=False, search="torch", blur_sigma=2.0, **kwargs
+        "resnet18",
+        (2, 3),
+        pretrained=False,
+        bank={"search": "torch"},
+        scoring={"blur_sigma": 2.0},
+        preprocessing={"tiling": tiling},
+        **kwargs,
     ).eval()
-    model.set_memory_bank(torch.randn(50, model.embed(torch.zeros(1, 3, 32, 32)).shape[1]))
+    model.model.scorer.fit(torch.randn(50, model.model.embed(torch.zeros(1, 3, 32, 32)).shape[1]))
     return model
 
 
@@ -108,7 +114,7 @@ def test_tiled_maps_have_the_input_size_and_the_score_is_their_max():
     assert maps.shape == (2, 64, 96)
     assert torch.allclose(scores, maps.flatten(1).amax(dim=1))
     assert (
-        model.embed_patches(images).shape[0] == 2 * model.tiling.count(64, 96) * 4 * 4
+        model.model.embed_patches(images).shape[0] == 2 * model.tiling.count(64, 96) * 4 * 4
     )  # 32 px tile: 4x4 patches
     reweighted = patchcore(tiling={"tile": 32, "stride": 24}, reweight=True)(images)[1]
     assert reweighted.shape == (2,) and bool((reweighted <= scores + 1e-6).all())

@@ -61,7 +61,7 @@ def test_reloaded_checkpoint_scores_identically(trained_run):
     cfg, _ = trained_run
     run_dir = Path(cfg.paths.output_dir)
     trained = PatchAEModule.load_from_checkpoint(run_dir / "model.ckpt", pretrained=False, map_location="cpu")
-    assert trained.memory_bank.shape[0] == json.loads((run_dir / "results.json").read_text())["bank_size"]
+    assert trained.bank_size == json.loads((run_dir / "results.json").read_text())["bank_size"]
     datamodule = instantiate(cfg.data, augment=None, _convert_="all")
     datamodule.setup("test")
     batch = next(iter(datamodule.test_dataloader()))

@@ -159,20 +159,20 @@ def test_a_fit_that_ruins_the_encoder_keeps_the_untrained_weights(tmp_path) -> N
         # convolution of the backbone is zeroed, so its features carry no image content (the maps keep only
         # border effects and rounding: 0.66-0.72 pixel AUROC measured, against 0.755 untrained).
         with torch.no_grad():
-            for layer in model.model.backbone.modules():
+            for layer in model.model.network.backbone.modules():
                 if isinstance(layer, nn.Conv2d):
                     layer.weight.zero_()
 
     model.on_train_batch_end = wreck_the_backbone
-    pretrained = {k: v.clone() for k, v in model.model.backbone.state_dict().items()}
+    pretrained = {k: v.clone() for k, v in model.model.network.backbone.state_dict().items()}
     trainer.validate(model, datamodule=datamodule, verbose=False)
     trainer.fit(model, datamodule=datamodule)
     callback = next(c for c in trainer.callbacks if isinstance(c, BestEpochCallback))
     assert trainer.current_epoch == 2 and callback.last_epoch == 2  # it did train, and validated each epoch
     assert model.selected_epoch == 0
     assert model.val_results["pixel_auroc"] > max(0.6, callback.last_results["pixel_auroc"])
-    assert all(torch.equal(v, model.model.backbone.state_dict()[k]) for k, v in pretrained.items())
-    assert model.has_memory_bank  # built from the restored weights
+    assert all(torch.equal(v, model.model.network.backbone.state_dict()[k]) for k, v in pretrained.items())
+    assert model.is_fitted  # built from the restored weights
     assert model.validation_summary()["selected_epoch"] == 0
 
 

@@ -9,6 +9,7 @@ import math
 import os
 import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +55,9 @@ LARGE_BANK = 500_000
 
 
 class MemoryBankCallback(L.Callback):
-    """At the end of fit: embed the un-augmented training images, keep a greedy k-center coreset of the
-    patch vectors, and hand it to the module as its memory bank. A model that scores without a bank
-    (``scores_by_bank = False``) fits its normal-image statistics on those images instead."""
+    """At the end of fit: fit the model's scorer on the un-augmented training images. A bank model keeps the
+    greedy k-center coreset of their patch vectors as its memory bank (:meth:`coreset`); a reconstruction
+    model fits its error statistics on them."""
 
     def __init__(
         self,
@@ -72,52 +73,54 @@ class MemoryBankCallback(L.Callback):
         check_coreset_method(coreset_method, coreset_part_size)  # a bad key fails before training, not after
         self.coreset_method = coreset_method
         self.coreset_part_size = coreset_part_size
+        self.device = torch.device("cpu")  # the model's, while it is fitted
+        self.progress: Progress | None = None
 
-    @torch.no_grad()
-    def embed_training_images(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
-        loader = trainer.datamodule.bank_dataloader()
-        chunks = []
-        with progress_bar() as progress:
-            task = progress.add_task("memory bank: embedding training images", total=len(loader))
-            for batch in loader:
-                chunks.append(pl_module.embed_patches(batch["image"].to(pl_module.device)).float().cpu())
-                progress.advance(task)
-        return torch.cat(chunks)
-
-    def build(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        was_training = pl_module.training
-        pl_module.eval()
-        vectors = pl_module.calibrate_embedding(self.embed_training_images(trainer, pl_module))
+    def coreset(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Indices of the bank's rows among the training vectors: the greedy k-center coreset."""
         if self.coreset_method == "greedy" and len(vectors) > LARGE_BANK:
             log.warning(
                 "exact greedy coreset of %d vectors takes minutes (about 9 CPU-minutes for a 10%% coreset of 1M); "
                 "bank.coreset_method=partitioned takes under 2 min of 2 cores there",
                 len(vectors),
             )
-        with progress_bar() as progress:
-            task = progress.add_task(f"memory bank: coreset of {len(vectors)} patches", total=None)
+        progress = self.progress
+        task = progress.add_task(f"memory bank: coreset of {len(vectors)} patches", total=None)
 
-            def report(done: int, total: int) -> None:
-                progress.update(task, completed=done, total=total)
+        def report(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
 
-            indices = greedy_coreset(
-                vectors.to(pl_module.device),
-                ratio=self.coreset_ratio,
-                projection_dim=self.projection_dim,
-                seed=self.seed,
-                progress=report,
-                method=self.coreset_method,
-                part_size=self.coreset_part_size,
-            )
-        pl_module.set_memory_bank(vectors[indices.cpu()])
+        indices = greedy_coreset(
+            vectors.to(self.device),
+            ratio=self.coreset_ratio,
+            projection_dim=self.projection_dim,
+            seed=self.seed,
+            progress=report,
+            method=self.coreset_method,
+            part_size=self.coreset_part_size,
+        )
         log.info("memory bank: %d of %d patch vectors (dim %d)", len(indices), len(vectors), vectors.shape[1])
-        pl_module.train(was_training)
+        return indices.cpu()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if getattr(pl_module, "scores_by_bank", True):
-            self.build(trainer, pl_module)
-        else:  # a reconstruction model: standardise its error terms on the same normal images instead
-            pl_module.fit_normal_statistics(trainer.datamodule.bank_dataloader())
+        was_training = pl_module.training
+        pl_module.eval()
+        self.device = pl_module.device
+        loader = trainer.datamodule.bank_dataloader()
+        with progress_bar() as progress:  # one live display for both steps: rich allows no second one
+            self.progress = progress
+            task = progress.add_task("memory bank: embedding training images", total=len(loader))
+
+            def images() -> Iterator[torch.Tensor]:
+                for images in pl_module.image_batches(loader):
+                    yield images
+                    progress.advance(task)
+
+            # A bank model keeps the coreset of the batches' patch vectors; a reconstruction model fits its
+            # error statistics on all of them (it has no use for a coreset).
+            pl_module.fit_scorer(images(), subsample=self.coreset)
+        self.progress = None
+        pl_module.train(was_training)
         # Under DDP every process built the bank (or statistics) from all training images (the bank loader is
         # not sharded); rank 0's copy then makes them equal to the last bit.
         broadcast_buffers(pl_module)
@@ -346,7 +349,7 @@ class ResultsWriter(L.Callback):
             **pl_module.test_results,
             **pl_module.validation_summary(),
             **self.timings,
-            "bank_size": int(pl_module.memory_bank.shape[0]),
+            "bank_size": pl_module.bank_size,
             "test_images": len(self.rows),
         }
         self.results = results
@@ -356,7 +359,7 @@ class ResultsWriter(L.Callback):
         (self.output_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
         write_csv(self.output_dir / "results.csv", [results])
         write_csv(self.output_dir / "predictions.csv", self.rows)
-        transform = ImageTransform.from_hparams(pl_module.hparams)
+        transform = ImageTransform.from_preprocessing(pl_module.preprocessing)
         for item in self.selected:
             name = f"{item['defect_type']}_{Path(item['path']).stem}.png"
             image, anomaly_map, mask = at_original_size(item, transform)

@@ -26,10 +26,10 @@ from torch import Tensor
 
 from patchae.errors import PatchAEError, finite_number
 from patchae.metrics import f1_max
+from patchae.settings import check_method, check_quantile
 
 log = logging.getLogger(__name__)
 
-THRESHOLD_METHODS: tuple[str, ...] = ("f1", "quantile")
 NAN = float("nan")
 
 
@@ -56,18 +56,6 @@ def quantile_threshold(normal_scores: Tensor, q: float) -> float:
     if scores.numel() == 0:
         return NAN
     return float(torch.quantile(scores, q))
-
-
-def check_quantile(q: float) -> float:
-    if not 0.0 < finite_number("threshold.quantile", q) <= 1.0:
-        raise PatchAEError(f"threshold.quantile={q} must be in (0, 1], e.g. 0.99")
-    return float(q)
-
-
-def check_method(method: str) -> str:
-    if method not in THRESHOLD_METHODS:
-        raise PatchAEError(f"threshold.method={method} is unknown; use one of {', '.join(THRESHOLD_METHODS)}")
-    return method
 
 
 def normalize_scores(scores: Tensor, threshold: float, scale: float) -> Tensor:

@@ -276,7 +276,7 @@ class WandbMediaCallback(L.Callback):
 
     @staticmethod
     def pixels(item: dict[str, Any], pl_module: L.LightningModule) -> np.ndarray:
-        return denormalize(item["image"], pl_module.hparams.mean, pl_module.hparams.std)
+        return denormalize(item["image"], pl_module.preprocessing.mean, pl_module.preprocessing.std)
 
     def masked_image(
         self, wandb: Any, item: dict[str, Any], pl_module: L.LightningModule, threshold: float | None

@@ -483,7 +483,7 @@ def finished_times(directory: Path) -> Iterator[float]:
 # -- running ------------------------------------------------------------------------------------------
 def project_root() -> Path:
     """The source checkout holding ``train.py`` and ``conf/`` (the benchmark runs the same entry point)."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     if not (root / "train.py").is_file() or not (root / "conf").is_dir():
         raise PatchAEError(
             f"train.py and conf/ not found in {root}; run the benchmark from a source checkout"

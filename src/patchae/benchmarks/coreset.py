@@ -63,7 +63,7 @@ def embed_category(data_root: str, category: str, backbone: str, transforms: int
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    config_dir = Path(__file__).resolve().parents[2] / "conf"
+    config_dir = Path(__file__).resolve().parents[3] / "conf"
     with initialize_config_dir(config_dir=str(config_dir), version_base=None):
         cfg = compose(
             "train",
@@ -79,11 +79,11 @@ def embed_category(data_root: str, category: str, backbone: str, transforms: int
     datamodule.setup("fit")
     model = instantiate(cfg.model, _convert_="all").eval()
     chunks = [
-        model.embed_patches(dihedral(batch["image"], index)).float()
+        model.model.embed_patches(dihedral(batch["image"], index)).float()
         for index in range(transforms)
         for batch in datamodule.bank_dataloader()
     ]
-    return model.calibrate_embedding(torch.cat(chunks))
+    return model.model.calibrate_embedding(torch.cat(chunks))
 
 
 def load_features(cfg: BenchmarkConfig) -> tuple[torch.Tensor, str]:

@@ -35,7 +35,7 @@ from patchae.deploy.loading import load_model, resolve_device, set_threads
 from patchae.errors import PatchAEError
 from patchae.memory import MemoryBank, torch_nearest
 from patchae.models import AnomalyModule, PatchAEModule
-from patchae.models.base import search_chunks
+from patchae.scoring.bank import search_chunks
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,11 @@ def extra_peak_mb(function: Any) -> tuple[Any, float]:
 # -- throughput ------------------------------------------------------------------------------------------
 def untrained_model(bank_size: int, seed: int = 0) -> AnomalyModule:
     """EfficientNet-Lite0 Patch AE at 224 px with a random bank: what timing needs, no training."""
-    model = PatchAEModule("tf_efficientnet_lite0", (2, 3), pretrained=False, image_size=256, crop_size=224)
+    model = PatchAEModule(
+        "tf_efficientnet_lite0", (2, 3), pretrained=False, preprocessing={"image_size": 256, "crop_size": 224}
+    )
     generator = torch.Generator().manual_seed(seed)
-    model.set_memory_bank(torch.rand(bank_size, model.model.c3, generator=generator))
+    model.model.scorer.fit(torch.rand(bank_size, model.model.network.c3, generator=generator))
     return model.eval()
 
 
@@ -96,7 +98,7 @@ def percentile(values: list[float], q: float) -> float:
 @torch.inference_mode()
 def time_batches(model: AnomalyModule, batch_size: int, iterations: int, warmup: int) -> dict[str, float]:
     """Timings of ``iterations`` forward passes of a random normalised batch (after ``warmup`` passes)."""
-    shape = ImageTransform.from_hparams(model.hparams).output_shape
+    shape = ImageTransform.from_preprocessing(model.preprocessing).output_shape
     return time_scoring(lambda images: model(images)[1], shape, batch_size, iterations, warmup, model.device)
 
 
@@ -290,19 +292,21 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
     if cfg.mode in ("throughput", "all"):
         subject = model if model is not None else untrained_model(cfg.model_bank_size).to(device)
         if cfg.search is not None:
-            subject.hparams.search = cfg.search
+            subject.model.scorer.set_search(cfg.search)
         results["model"] = {
             "checkpoint": cfg.ckpt,
             "backbone": subject.hparams.backbone,
-            "input_size": "x".join(map(str, ImageTransform.from_hparams(subject.hparams).output_shape)),
-            "bank_size": int(subject.memory_bank.shape[0]),
-            "search": subject.hparams.search,
+            "input_size": "x".join(
+                map(str, ImageTransform.from_preprocessing(subject.preprocessing).output_shape)
+            ),
+            "bank_size": subject.bank_size,
+            "search": subject.model.scorer.settings.search,
         }
         results["throughput"] = benchmark_throughput(
             subject, list(cfg.batch_sizes), cfg.iterations, cfg.warmup
         )
     if cfg.mode in ("bank", "all"):
-        base = model.memory_bank.cpu() if model is not None else None
+        base = model.model.scorer.bank.cpu() if model is not None else None
         dim = base.shape[1] if base is not None else cfg.bank_dim
         pq_m = cfg.pq_m if dim % cfg.pq_m == 0 else next(m for m in (16, 8, 4, 2, 1) if dim % m == 0)
         results["bank"] = benchmark_bank(

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 SYSTEMS = ("patch_ae", "patchcore", "anomalib")
 LABELS = {"patch_ae": "Patch AE", "patchcore": "PatchCore", "anomalib": "anomalib PatchCore"}
 ANOMALIB_HINT = "anomalib is not installed: pip install -e '.[bench]' (or run make bench-speed)"
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @dataclass
@@ -143,10 +143,10 @@ def run_patchae(cfg: SpeedConfig, system: str, workdir: Path) -> dict[str, Any]:
         callbacks.greedy_coreset = coreset.function
     ckpt = Path(train_cfg.paths.output_dir) / "model.ckpt"
     model = load_model(ckpt, device="cpu", faiss_device="cpu")
-    size = int(model.hparams.crop_size or model.hparams.image_size)
+    size = int(model.preprocessing.crop_size or model.preprocessing.image_size)
     row: dict[str, Any] = {
         "system": system,
-        "bank_size": int(model.memory_bank.shape[0]),
+        "bank_size": model.bank_size,
         "coreset_seconds": coreset.seconds,
         "fit_seconds": results["train_seconds"],
         "test_images_per_second": results.get("test_images_per_second"),

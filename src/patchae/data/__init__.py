@@ -15,7 +15,8 @@ from patchae.data.datasets.mvtec import GRAYSCALE_CATEGORIES, MVTEC_CATEGORIES, 
 from patchae.data.download import download_dataset, download_mvtec
 from patchae.data.images import IMAGE_EXTENSIONS, load_mask, load_rgb
 from patchae.data.samples import Sample
-from patchae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+from patchae.data.transforms import ImageTransform
+from patchae.settings import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "GRAYSCALE_CATEGORIES",

@@ -23,8 +23,9 @@ from patchae.data.download import download_dataset, download_mvtec
 from patchae.data.images import load_rgb
 from patchae.data.perlin import PerlinBlend
 from patchae.data.samples import Sample, check_split, load_sample_mask
-from patchae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+from patchae.data.transforms import ImageTransform
 from patchae.errors import PatchAEError
+from patchae.settings import IMAGENET_MEAN, IMAGENET_STD
 from patchae.tiling import Tiling, random_tile
 
 logger = logging.getLogger(__name__)

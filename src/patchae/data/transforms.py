@@ -13,11 +13,9 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from patchae.errors import PatchAEError
+from patchae.settings import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 RESIZE_MODES = ("squash", "keep_aspect")
@@ -98,15 +96,10 @@ class ImageTransform:
         self.std = std
 
     @classmethod
-    def from_hparams(cls, hparams: Any) -> ImageTransform:
-        """The preprocessing a model was trained with (checkpoints older than ``resize_mode`` squash)."""
-        return cls(
-            hparams["image_size"],
-            hparams.get("crop_size"),
-            hparams["mean"],
-            hparams["std"],
-            hparams.get("resize_mode") or "squash",
-        )
+    def from_preprocessing(cls, preprocessing: Preprocessing) -> ImageTransform:
+        """The preprocessing a model was trained with (``model.preprocessing``)."""
+        p = preprocessing
+        return cls(p.image_size, p.crop_size, p.mean, p.std, p.resize_mode or "squash")
 
     @property
     def output_shape(self) -> tuple[int, int]:

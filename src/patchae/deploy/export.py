@@ -4,13 +4,13 @@
 ``model.onnx`` / ``model.torchscript.pt`` and ``export.json`` (preprocessing, threshold, I/O names), then
 checks that the exported files score like the checkpoint (``check=true``).
 
-The exported graph takes a normalised ``(B, 3, H, W)`` batch (H, W fixed: the model input it was trained with,
-after resize, padding and crop; B is dynamic) and returns ``anomaly_maps (B, H, W)``, raw ``image_scores (B,)``
-and ``normalized_scores (B,)`` (0.5 = the checkpoint's threshold). A model trained with ``data.tiling`` cuts
-and stitches its tiles inside the graph. Nearest-neighbour search is exact and matmul-based: the bank is scanned in
-fixed-size blocks (``|q|^2 - 2 q.b + |b|^2``, running top-k), then the distances of the chosen neighbours are
-recomputed directly, as :func:`patchae.memory.torch_nearest` and the faiss path do, so scores agree with the
-checkpoint to float rounding.
+The exported graph is the trace of the model's own torch module (``model.model``: network + scorer, the same
+code training, testing and predict run; :mod:`patchae.models.torch_model`). It takes a normalised
+``(B, 3, H, W)`` batch (H, W fixed: the model input it was trained with, after resize, padding and crop; B is
+dynamic) and returns ``anomaly_maps (B, H, W)``, raw ``image_scores (B,)`` and ``normalized_scores (B,)``
+(0.5 = the checkpoint's threshold). A model trained with ``data.tiling`` cuts and stitches its tiles inside the
+graph. The bank is searched with the exact torch search (:func:`patchae.memory.torch_nearest`) in blocks of
+``bank_block`` rows, so scores agree with the checkpoint to float rounding.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from lightning import LightningModule
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
@@ -36,7 +34,7 @@ from patchae.data.transforms import ImageTransform
 from patchae.deploy.loading import load_model, pick_thresholds
 from patchae.errors import PatchAEError
 from patchae.models.base import AnomalyModule
-from patchae.scoring.maps import MAX_OPERATOR_SIDE, blur_kernel_size, image_scores, map_operator
+from patchae.scoring import BankScorer
 from patchae.thresholds import Thresholds, normalize_scores
 
 log = logging.getLogger(__name__)
@@ -51,58 +49,10 @@ TOLERANCE = 1e-4
 BANK_BLOCK = 512
 
 
-def nearest_bank_distances(queries: Tensor, bank: Tensor, bank_sq: Tensor, k: int, block: int) -> Tensor:
-    """Mean Euclidean distance of each query (B, N, D) to its k nearest bank rows -> (B, N).
-
-    The bank (M, D) is fixed when exporting, so the Python loop over its blocks unrolls into a static graph
-    while B stays dynamic. Working memory: B x N x block floats. The candidates are ranked by |b|^2 - 2 q.b
-    (|q|^2 is the same for every row of the bank), with the -2 applied to the queries, so each block costs
-    one matrix product and one addition over B x N x block. (ONNX Runtime's TopK with k = 1 was faster than
-    ReduceMin + ArgMin.)
-    """
-    scaled = -2.0 * queries
-    best_d = torch.empty(0)
-    best_i = torch.empty(0)
-    num_bank = bank.shape[0]
-    for start in range(0, num_bank, block):
-        stop = min(start + block, num_bank)
-        partial = torch.matmul(scaled, bank[start:stop].t()) + bank_sq[start:stop]
-        block_d, block_i = torch.topk(partial, min(k, stop - start), dim=-1, largest=False)
-        block_i = block_i + start
-        if start == 0:
-            best_d, best_i = block_d, block_i
-        elif k == 1:
-            better = block_d < best_d
-            best_d, best_i = torch.where(better, block_d, best_d), torch.where(better, block_i, best_i)
-        else:
-            merged_d, position = torch.topk(torch.cat([best_d, block_d], dim=-1), k, dim=-1, largest=False)
-            best_i = torch.gather(torch.cat([best_i, block_i], dim=-1), -1, position)
-            best_d = merged_d
-    difference = bank[best_i] - queries.unsqueeze(2)  # (B, N, k, D): exact distances of the chosen ones
-    return (difference * difference).sum(dim=-1).sqrt().mean(dim=-1)
-
-
-class GaussianBlur(nn.Module):
-    """The blur of :func:`patchae.scoring.maps.anomaly_maps` (same kernel, reflect padding) with the kernel as a
-    buffer, so ONNX sees a convolution of known shape; separable: two 1-D passes."""
-
-    def __init__(self, sigma: float) -> None:
-        super().__init__()
-        size = blur_kernel_size(sigma)
-        half = (size - 1) * 0.5
-        density = torch.exp(-0.5 * (torch.linspace(-half, half, size) / sigma) ** 2)
-        kernel = density / density.sum()
-        self.register_buffer("kernel_rows", kernel.view(1, 1, size, 1))
-        self.register_buffer("kernel_cols", kernel.view(1, 1, 1, size))
-        self.padding = size // 2
-
-    def forward(self, maps: Tensor) -> Tensor:
-        padded = F.pad(maps, [self.padding] * 4, mode="reflect")
-        return F.conv2d(F.conv2d(padded, self.kernel_rows), self.kernel_cols)
-
-
-class ExportableScorer(nn.Module):
-    """The whole scoring path of an :class:`AnomalyModule` as one traceable module."""
+class ExportedModel(nn.Module):
+    """What the exported graph computes: the model's own torch module (network + scorer, the code training,
+    testing and predict run) and the checkpoint's threshold as a normalised score. The scorer searches its
+    bank with the exact blocked torch search, which the tracer unrolls over the fixed bank."""
 
     def __init__(self, model: AnomalyModule, thresholds: Thresholds, bank_block: int = BANK_BLOCK) -> None:
         super().__init__()
@@ -110,81 +60,50 @@ class ExportableScorer(nn.Module):
             raise PatchAEError(
                 "the model has no memory bank to export; export a model.ckpt of a finished run"
             )
-        if model.image_score == "reweight":
+        if model.scoring.image_score == "reweight":
             raise PatchAEError(
                 "image_score=reweight (PatchCore's Eq. 7) cannot be exported; retrain with scoring.image_score=max or topk"
             )
-        self.model = model.eval()
-        self.image_score, self.top_k = model.image_score, model.top_k
-        bank = model.memory_bank.float()  # empty for reconstruction models (scores_by_bank False)
-        self.register_buffer("bank_sq", (bank * bank).sum(dim=1))
-        self.k = int(model.hparams.get("num_neighbors", 1))  # reconstruction models have no neighbours
-        sigma = float(model.hparams.blur_sigma)
-        self.blur = GaussianBlur(sigma) if sigma > 0 else nn.Identity()
-        self.bank_block = int(bank_block)
+        self.model = model.model.eval()
+        scorer = self.model.scorer
+        if isinstance(scorer, BankScorer):
+            if scorer.settings.search != "torch":
+                raise PatchAEError("export needs the torch search: load the model with search='torch'")
+            scorer.block_rows = int(bank_block)
         self.threshold = float(thresholds.value)
         self.scale = float(thresholds.scale)
-        self.register_buffer("map_rows", None)
-        self.register_buffer("map_cols", None)
-        size = input_shape(model)
-        if model.scores_by_bank and model.tiling is None and max(size) <= MAX_OPERATOR_SIDE:
-            # Upsampling and blur as two matmuls (patchae.scoring.maps.anomaly_maps), ~100x faster in ONNX Runtime than
-            # a convolution; the operators are made here, not while tracing, so the graph holds them as constants.
-            with torch.no_grad():
-                grid = model.embed(torch.zeros(1, 3, *size, device=model.device)).shape[-2:]
-            # Copies: the operators are cached, and a traced module may not hold one tensor twice.
-            self.map_rows = map_operator(int(grid[0]), size[0], sigma).clone().to(model.device)
-            self.map_cols = map_operator(int(grid[1]), size[1], sigma).clone().to(model.device)
+        # One eager pass makes the map operators (patchae.scoring.maps.map_operator, cached per size), so that
+        # the tracer finds them ready and keeps them as constants instead of recording how they were made.
+        with torch.no_grad():
+            self.model(torch.zeros(1, 3, *input_shape(model), device=model.device))
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if not self.model.scores_by_bank:  # SSL-AE, DAAD: their unblurred map at input resolution
-            maps = self.blur(self.model.patch_scores(images).unsqueeze(1)).squeeze(1)
-            scores = image_scores(maps, self.image_score, self.top_k)
-            return maps, scores, normalize_scores(scores, self.threshold, self.scale)
-        tiling = self.model.tiling
-        embedding = self.model.embed(self.model.tiles(images))
-        height, width = embedding.shape[-2:]
-        queries = embedding.flatten(2).transpose(1, 2)
-        distances = nearest_bank_distances(
-            queries, self.model.memory_bank, self.bank_sq, self.k, self.bank_block
-        )
-        patch_scores = distances.reshape(-1, 1, height, width)
-        if self.map_rows is not None:
-            maps = self.map_rows @ patch_scores.squeeze(1) @ self.map_cols.t()
-        elif tiling is None:
-            maps = F.interpolate(patch_scores, size=images.shape[-2:], mode="bilinear", align_corners=False)
-            maps = self.blur(maps).squeeze(1)
-        else:
-            size = (tiling.tile, tiling.tile)
-            tile_maps = F.interpolate(patch_scores, size=size, mode="bilinear", align_corners=False)
-            maps = tiling.stitch(tile_maps.squeeze(1), *images.shape[-2:]).unsqueeze(1)
-            maps = self.blur(maps).squeeze(1)
-        scores = image_scores(maps, self.image_score, self.top_k)
+        maps, scores = self.model(images)
         return maps, scores, normalize_scores(scores, self.threshold, self.scale)
 
 
 def input_shape(model: AnomalyModule) -> tuple[int, int]:
     """``(H, W)`` of the model input the checkpoint was trained with (the exported graph's fixed size)."""
-    return ImageTransform.from_hparams(model.hparams).output_shape
+    return ImageTransform.from_preprocessing(model.preprocessing).output_shape
 
 
 def metadata(model: AnomalyModule, thresholds: Thresholds, ckpt: str | Path) -> dict[str, Any]:
     """What a deployment needs besides the graph: preprocessing, threshold, I/O names."""
-    hparams = model.hparams
+    preprocessing = model.preprocessing
     return {
         "checkpoint": str(ckpt),
         "model": type(model).__name__,
-        "backbone": hparams.get("backbone"),
+        "backbone": model.hparams.get("backbone"),
         "input": {
             "name": INPUT_NAMES[0],
             "shape": ["batch", 3, *input_shape(model)],
             "dtype": "float32",
             "preprocessing": {
-                "image_size": hparams.image_size,
-                "crop_size": hparams.get("crop_size"),
-                "resize_mode": hparams.get("resize_mode") or "squash",
-                "mean": list(hparams.mean),
-                "std": list(hparams.std),
+                "image_size": preprocessing.image_size,
+                "crop_size": preprocessing.crop_size,
+                "resize_mode": preprocessing.resize_mode or "squash",
+                "mean": list(preprocessing.mean),
+                "std": list(preprocessing.std),
                 "steps": "RGB, resize to image_size (int: square, or [height, width]; bilinear, antialiased): "
                 "squash stretches to it, keep_aspect scales to fit inside it and pads the rest centred with "
                 "the mean colour; centre crop to crop_size; scale to [0, 1], (x - mean) / std; the map's "
@@ -199,39 +118,32 @@ def metadata(model: AnomalyModule, thresholds: Thresholds, ckpt: str | Path) -> 
             "normalization_scale": thresholds.scale,
             "rule": "anomalous when image_score >= value (normalized_score 0.5)",
         },
-        "bank_size": int(model.memory_bank.shape[0]),
+        "bank_size": model.bank_size,
         "onnx_opset": ONNX_OPSET,
     }
 
 
 @contextmanager
 def exporting() -> Iterator[None]:
-    """Lightning's ``trainer`` property raises on a detached module, and the tracer reads every attribute:
-    the flag Lightning itself sets in ``to_torchscript`` makes it return None instead."""
-    previous = LightningModule._jit_is_scripting
-    LightningModule._jit_is_scripting = True
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # Tracer warnings about shape-derived Python ints (the batch axis stays dynamic) and deprecations.
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        LightningModule._jit_is_scripting = previous
+    """No gradients, and no tracer warnings about shape-derived Python ints (the batch axis stays dynamic)."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
-def export_torchscript(scorer: ExportableScorer, example: Tensor, path: Path, extra: dict[str, Any]) -> Path:
+def export_torchscript(exported: ExportedModel, example: Tensor, path: Path, extra: dict[str, Any]) -> Path:
     with exporting():
         warnings.simplefilter("ignore")  # tracer warnings about shape-derived Python ints: B stays dynamic
-        traced = torch.jit.trace(scorer, example, check_trace=False)
+        traced = torch.jit.trace(exported, example, check_trace=False)
         torch.jit.save(traced, str(path), _extra_files={"patchae.json": json.dumps(extra)})
     return path
 
 
-def export_onnx(scorer: ExportableScorer, example: Tensor, path: Path, extra: dict[str, Any]) -> Path:
+def export_onnx(exported: ExportedModel, example: Tensor, path: Path, extra: dict[str, Any]) -> Path:
     dynamic = {name: {0: "batch"} for name in INPUT_NAMES + OUTPUT_NAMES}
     with exporting():
         torch.onnx.export(
-            scorer,
+            exported,
             (example,),
             str(path),
             input_names=INPUT_NAMES,
@@ -329,7 +241,7 @@ def export_model(
     output.mkdir(parents=True, exist_ok=True)
     if example is None:
         example = torch.randn(batch_size, 3, *input_shape(model), generator=torch.Generator().manual_seed(0))
-    scorer = ExportableScorer(model, thresholds, bank_block)
+    exported = ExportedModel(model, thresholds, bank_block)
     extra = metadata(model, thresholds, ckpt)
     (output / "export.json").write_text(json.dumps(extra, indent=2))
     result: dict[str, Any] = {"export_json": str(output / "export.json")}
@@ -341,7 +253,7 @@ def export_model(
     for name, (export, run_exported, filename) in exporters.items():
         if format not in (name, "both"):
             continue
-        path = export(scorer, example, output / filename, extra)
+        path = export(exported, example, output / filename, extra)
         result[name] = str(path)
         if reference is not None:
             differences = max_differences(reference, run_exported(path, example))

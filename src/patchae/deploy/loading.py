@@ -12,7 +12,7 @@ import torch
 from patchae.checkpoints import load_checkpoint
 from patchae.errors import PatchAEError
 from patchae.models import AnomalyModule, PatchAEModule
-from patchae.models.base import CHECKPOINT_KEY
+from patchae.models.base import CHECKPOINT_KEY, set_setting, upgrade_hparams
 from patchae.thresholds import Thresholds
 
 
@@ -87,20 +87,28 @@ def checkpoint_class(checkpoint: dict[str, Any], path: Path) -> type[AnomalyModu
 def load_model(path: str | Path, device: str = "cpu", **overrides: Any) -> AnomalyModule:
     """A trained model, in eval mode on ``device``, from a checkpoint written by train.py.
 
-    ``overrides`` replace hyper-parameters the model was saved with (e.g. ``search="torch"``); names the
-    model does not have are ignored. Pretrained weights are never downloaded: the checkpoint has them.
+    ``overrides`` replace hyper-parameters the model was saved with: model arguments, or settings of its
+    groups by their own name (``search="torch"`` sets ``bank.search``); names the model does not have are
+    ignored. Pretrained weights are never downloaded: the checkpoint has them. Checkpoints written before the
+    settings were grouped (flat hyper-parameters, weights under their old names) load the same.
     """
     path = Path(path).expanduser()
     checkpoint = read_checkpoint(path)
     cls = checkpoint_class(checkpoint, path)
-    hparams = checkpoint["hyper_parameters"]
-    kwargs = {
-        key: value
-        for key, value in {"pretrained": False, **overrides}.items()
-        if key in hparams and value is not None
-    }
+    hparams = upgrade_hparams(checkpoint["hyper_parameters"])
+    for key, value in {"pretrained": False, **overrides}.items():
+        if value is not None:
+            set_setting(hparams, key, value)
     try:
-        model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True, **kwargs)
+        model = cls(**hparams)
+    except TypeError as error:  # a hyper-parameter this version's model does not take
+        raise PatchAEError(
+            f"checkpoint {path} was saved with settings this patchae's {cls.__name__} does not take ({error}); "
+            "use the patchae version that wrote it"
+        ) from None
+    try:
+        model.on_load_checkpoint(checkpoint)  # an older file's weight names, and the calibrated thresholds
+        model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
         first = str(error).splitlines()
         detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first else "")[:160]

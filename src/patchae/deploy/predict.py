@@ -212,7 +212,7 @@ class Predictor:
             raise PatchAEError(f"num_workers must be an integer >= 0, got {num_workers!r}")
         self.model = model.eval()
         self.thresholds = pick_thresholds(thresholds if thresholds is not None else model.thresholds)
-        self.transform = ImageTransform.from_hparams(model.hparams)
+        self.transform = ImageTransform.from_preprocessing(model.preprocessing)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.keep_images = keep_images
@@ -245,7 +245,8 @@ class Predictor:
             overrides["faiss_device"] = "cpu"
         model = load_model(ckpt, device=str(torch_device), **overrides)
         if search_memory_mb is not None:
-            model.search_block_mb = finite_number("search_memory_mb", search_memory_mb)
+            # The torch search's working memory; a model without a bank has no search to bound.
+            model.model.scorer.search_block_mb = finite_number("search_memory_mb", search_memory_mb)
         thresholds = pick_thresholds(
             model.thresholds, threshold, threshold_method, threshold_quantile, f"checkpoint {ckpt}"
         )

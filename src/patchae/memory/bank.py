@@ -64,14 +64,19 @@ def torch_nearest(
     queries: Tensor,
     bank_vectors: Tensor,
     k: int = 1,
-    chunk_size: int = 4096,
+    chunk_size: int | None = 4096,
     bank_chunk_size: int | None = 16384,
+    bank_sq: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Exact k-nearest neighbours by brute force in torch, in bounded memory.
+    """Exact k-nearest neighbours by brute force in torch, in bounded memory: the one torch search (the
+    scorer's ``bank.search=torch``, validation's bank, PatchCore's re-weighting, and the exported graphs).
 
-    Candidates come from ||q||^2 - 2 q.b + ||b||^2 on (chunk_size x bank_chunk_size) blocks, merging the
-    running top-k across bank blocks; the distances of the chosen neighbours are then recomputed directly
-    so they do not suffer the identity's cancellation error. TorchScript-compatible and ONNX-exportable.
+    Candidates are ranked by ||b||^2 - 2 q.b (||q||^2 is the same for every bank row) on blocks of
+    ``bank_chunk_size`` bank rows, keeping a running top-k; then the distances of the chosen neighbours are
+    recomputed directly, so they do not suffer the identity's cancellation error. ``chunk_size`` queries are
+    searched at a time (None: all); while tracing (TorchScript, ONNX) all are, so the batch axis stays dynamic,
+    and the loop over the fixed bank's blocks unrolls into a static graph. ``bank_sq``: the bank's squared
+    norms, when the caller keeps them.
 
     Returns:
         (distances (Q,k) float32 Euclidean, ascending; indices (Q,k) int64), on ``queries.device``.
@@ -81,40 +86,48 @@ def torch_nearest(
     num_bank = bank_vectors.shape[0]
     if k < 1 or k > num_bank:
         raise ValueError("torch_nearest: k must be between 1 and the bank size")
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError("torch_nearest: chunk_size must be positive")
     bank = bank_vectors.to(device=queries.device, dtype=torch.float32)
-    all_queries = queries.to(torch.float32)
-    num_queries = all_queries.shape[0]
-    if num_queries == 0:
-        empty = torch.empty((0, k), dtype=torch.float32, device=queries.device)
-        return empty, torch.empty((0, k), dtype=torch.long, device=queries.device)
-    bank_step = num_bank if bank_chunk_size is None or bank_chunk_size < 1 else bank_chunk_size
+    queries = queries.to(torch.float32)
+    bank_step = num_bank if bank_chunk_size is None or bank_chunk_size < 1 else int(bank_chunk_size)
+    # While tracing (TorchScript or ONNX export) all queries at once: the batch axis stays dynamic.
+    if torch.jit.is_tracing() or chunk_size is None or queries.shape[0] <= chunk_size:
+        return _nearest(queries, bank, bank_sq, k, bank_step)
+    parts = [_nearest(q, bank, bank_sq, k, bank_step) for q in queries.split(chunk_size)]
+    return torch.cat([d for d, _ in parts]), torch.cat([i for _, i in parts])
 
-    distance_chunks: list[Tensor] = []
-    index_chunks: list[Tensor] = []
-    for start in range(0, num_queries, chunk_size):
-        q = all_queries[start : start + chunk_size]
-        q_sq = (q * q).sum(dim=1, keepdim=True)
-        best_d = torch.full((q.shape[0], k), float("inf"), dtype=torch.float32, device=q.device)
-        best_i = torch.zeros((q.shape[0], k), dtype=torch.long, device=q.device)
-        for bank_start in range(0, num_bank, bank_step):
-            block = bank[bank_start : bank_start + bank_step]
-            # |b|^2 per block, not for the whole bank at once: (bank * bank) would be a bank-sized temporary.
-            block_sq = (block * block).sum(dim=1)
-            squared = torch.addmm(block_sq.unsqueeze(0), q, block.t(), alpha=-2.0)
-            squared.add_(q_sq)  # in place: one (chunk x bank block) matrix at a time is the working memory
-            block_d, block_i = torch.topk(squared, min(k, block.shape[0]), dim=1, largest=False)
-            merged_d = torch.cat([best_d, block_d], dim=1)
-            merged_i = torch.cat([best_i, block_i + bank_start], dim=1)
-            best_d, position = torch.topk(merged_d, k, dim=1, largest=False)
-            best_i = torch.gather(merged_i, 1, position)
-        difference = bank[best_i] - q.unsqueeze(1)
-        exact = (difference * difference).sum(dim=-1)
+
+def _nearest(
+    queries: Tensor, bank: Tensor, bank_sq: Tensor | None, k: int, step: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`torch_nearest` of one set of queries (working memory: queries x ``step`` floats)."""
+    scaled = -2.0 * queries  # the -2 on the queries: one product and one addition per block
+    num_bank = bank.shape[0]
+    best_d, best_i = torch.empty(0), torch.empty(0)
+    for start in range(0, num_bank, step):
+        stop = min(start + step, num_bank)
+        block = bank[start:stop]
+        # |b|^2 per block unless given: (bank * bank) at once would be a bank-sized temporary.
+        block_sq = bank_sq[start:stop] if bank_sq is not None else (block * block).sum(dim=1)
+        partial = torch.matmul(scaled, block.t()) + block_sq
+        block_d, block_i = torch.topk(partial, min(k, stop - start), dim=-1, largest=False)
+        block_i = block_i + start
+        if start == 0:
+            best_d, best_i = block_d, block_i
+        elif k == 1:  # ONNX Runtime runs a comparison faster than a concatenation and a top-k
+            better = block_d < best_d
+            best_d, best_i = torch.where(better, block_d, best_d), torch.where(better, block_i, best_i)
+        else:
+            merged = torch.cat([best_d, block_d], dim=-1)
+            best_d, position = torch.topk(merged, min(k, merged.shape[-1]), dim=-1, largest=False)
+            best_i = torch.gather(torch.cat([best_i, block_i], dim=-1), -1, position)
+    difference = bank[best_i] - queries.unsqueeze(1)  # (Q, k, D): exact distances of the chosen ones
+    exact = (difference * difference).sum(dim=-1)
+    if k > 1:
         exact, order = torch.sort(exact, dim=1)
-        distance_chunks.append(exact.sqrt())
-        index_chunks.append(torch.gather(best_i, 1, order))
-    return torch.cat(distance_chunks, dim=0), torch.cat(index_chunks, dim=0)
+        best_i = torch.gather(best_i, 1, order)
+    return exact.sqrt(), best_i
 
 
 def default_pq_subvectors(dim: int) -> int:

@@ -1,37 +1,82 @@
-"""The shared base of every model: memory-bank scoring, anomaly maps, metrics, thresholds and checkpoint contents."""
+"""The Lightning wrappers every model shares. A model's scoring is its torch module's (``self.model``: network +
+scorer, :mod:`patchae.models.torch_model`); the wrappers add what Lightning does around it: training hooks,
+label-free validation, test metrics, threshold calibration and the checkpoint's contents.
+
+- :class:`AnomalyModule`: the base. Settings come as the config groups they are (``scoring``, ``bank``,
+  ``threshold``, ``preprocessing``; :mod:`patchae.settings`), saved in model.ckpt, so that a loaded model
+  preprocesses and scores as it was tested.
+- :class:`ReconstructionModule`: adds what SSL-AE and DAAD share (a from-scratch or pretrained encoder,
+  parameter groups, clean training images).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 
 from patchae.checkpoints import to_plain
-from patchae.errors import PatchAEError, finite_number
-from patchae.memory import MemoryBank, torch_nearest
+from patchae.errors import PatchAEError
 from patchae.metrics import AnomalyMetrics
-from patchae.scoring.maps import anomaly_maps, check_image_score, image_scores, reweighted_image_scores
-from patchae.thresholds import Thresholds, calibrate, check_method, check_quantile, decision_accuracy
+from patchae.models.reconstruction import pretrained_encoder
+from patchae.models.torch_model import BankModel, ReconstructionModel, Subsample
+from patchae.scoring import BankScorer
+from patchae.settings import BankSettings, Preprocessing, ScoringSettings, ThresholdSettings, read_group
+from patchae.thresholds import Thresholds, calibrate, decision_accuracy
 from patchae.tiling import Tiling
 
-# Working memory of one exact torch search block (queries x bank distances), whatever the bank size.
-SEARCH_BLOCK_MB = 256
 CHECKPOINT_KEY = "patchae"
+SETTING_GROUPS = ("scoring", "bank", "threshold", "preprocessing")
+
+# Checkpoints written before the settings were passed as groups hold them as flat hyper-parameters:
+# old name -> (group, name in the group). load_model's flat overrides (search=..., faiss_index=...) use it too.
+FLAT_SETTINGS: dict[str, tuple[str, str]] = {
+    **{name: ("scoring", name) for name in ("blur_sigma", "image_score", "top_k", "reweight_neighbors")},
+    **{name: ("bank", name) for name in ("num_neighbors", "search", "faiss_device", "faiss_index")},
+    **{f"threshold_{name}": ("threshold", name) for name in ("method", "quantile", "value")},
+    **{
+        name: ("preprocessing", name)
+        for name in ("image_size", "crop_size", "resize_mode", "mean", "std", "tiling")
+    },
+}
 
 
-def search_chunks(budget_mb: float, bank_size: int) -> tuple[int, int]:
-    """(query chunk, bank chunk) sizes so that one distance block of :func:`torch_nearest` fits ``budget_mb``.
+def set_setting(hparams: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``key`` in ``hparams``: a model argument, or a flat setting name (``search``) inside its group;
+    nothing for a setting the model does not take (SSL-AE has no ``bank``)."""
+    if key in FLAT_SETTINGS and key not in hparams:
+        group, name = FLAT_SETTINGS[key]
+        if group in hparams:
+            hparams[group] = {**(hparams[group] or {}), name: value}
+    elif key in hparams:
+        hparams[key] = value
 
-    A block peaks at about two float32 (queries x bank) matrices: the distances and top-k's workspace
-    (measured with ``python -m patchae.benchmarks.inference mode=bank``).
-    """
-    budget = max(int(budget_mb * 2**20) // 8, 1 << 16)  # block elements
-    bank_chunk = max(1, min(bank_size, 16384))
-    query_chunk = max(64, budget // bank_chunk)
-    if query_chunk * bank_chunk > budget:
-        bank_chunk = max(1, budget // query_chunk)
-    return query_chunk, bank_chunk
+
+def upgrade_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's hyper-parameters in today's form: an older file's flat settings moved into their groups.
+    A group the model does not take (the old files of SSL-AE and DAAD had no search settings) is not made."""
+    upgraded = dict(hparams)
+    if any(group in upgraded for group in SETTING_GROUPS):
+        return upgraded
+    for old, (group, name) in FLAT_SETTINGS.items():
+        if old in upgraded:
+            upgraded.setdefault(group, {})[name] = upgraded.pop(old)
+    return upgraded
+
+
+def upgrade_state_dict(state_dict: dict[str, Any], renames: tuple[tuple[str, str], ...]) -> None:
+    """Rename, in place, the keys of an older checkpoint's weights: each (old prefix, new prefix) of ``renames``,
+    the first that matches; an old key that is ``None``'s target is dropped."""
+    for key in list(state_dict):
+        for old, new in renames:
+            if key == old or (old.endswith(".") and key.startswith(old)):
+                value = state_dict.pop(key)
+                if new is not None:
+                    state_dict[new + key[len(old) :]] = value
+                break
 
 
 def update_metrics(
@@ -54,175 +99,73 @@ def update_metrics(
         metrics.update(scores[one], labels[one], maps[window], masks[window], has_mask[one], index)
 
 
-def cpu_channels_last(images: torch.Tensor) -> torch.Tensor:
-    """Channels-last images on CPU: oneDNN's convolutions (depthwise ones above all) then run about 1.4x faster
-    with the same results (EfficientNet-Lite0, 224 px); other devices get the images as they are."""
-    return images.contiguous(memory_format=torch.channels_last) if images.device.type == "cpu" else images
-
-
 class AnomalyModule(L.LightningModule):
-    """Scores images against a memory bank of normal patch embeddings.
-
-    Subclasses provide ``embed(images) -> (B, D, h, w)``. The bank is filled by
-    :class:`patchae.callbacks.MemoryBankCallback` and saved in the checkpoint, so a loaded model scores
-    without its training data.
+    """What every model's Lightning wrapper shares: scoring is ``self.model``'s (set by the subclass), fitted
+    at the end of fit by :class:`patchae.callbacks.MemoryBankCallback` and saved in the checkpoint, so a loaded
+    model scores without its training data.
 
     Testing also calibrates the decision threshold (:mod:`patchae.thresholds`): the F1-optimal one on the
     test split and a label-free quantile of the scores of held-out normal images (the data module's
     ``holdout_dataloader``, when it has one). ``self.thresholds`` is saved in the checkpoint together with
-    the model's class, so :func:`patchae.deploy.predict.load_model` restores the right model.
-
-    Models that score by their own reconstruction error instead (``scores_by_bank = False``, see
-    :mod:`patchae.models.reconstruction`) fit normal-image statistics at the end of fit instead of a bank.
+    the model's class, so :func:`patchae.deploy.loading.load_model` restores the right model.
     """
 
-    scores_by_bank = True
+    model: BankModel | ReconstructionModel
+    # Weights of checkpoints written before ``self.model`` held network and scorer: (old key or prefix, new).
+    legacy_state_keys: tuple[tuple[str, str | None], ...] = ()
+    CHECKPOINT_FORMAT = 2  # 2: settings as groups, weights under model.network / model.scorer
 
     def __init__(
         self,
-        num_neighbors: int = 1,
-        blur_sigma: float = 4.0,
-        search: str = "faiss",
-        faiss_device: str = "auto",
-        faiss_index: str = "flat",
-        threshold_method: str = "f1",
-        threshold_quantile: float = 0.99,
-        threshold_value: float | None = None,
-        image_score: str = "max",
-        top_k: float = 0.01,
-        reweight_neighbors: int = 9,
+        scoring: Mapping[str, Any] | None = None,
+        bank: Mapping[str, Any] | None = None,
+        threshold: Mapping[str, Any] | None = None,
+        preprocessing: Mapping[str, Any] | None = None,
         val_bank_size: int = 20000,
-        tiling: Any = None,
     ) -> None:
         super().__init__()
-        self.tiling = Tiling.from_config(tiling)  # data.tiling: score tiles of the input, stitch their maps
-        if search not in ("faiss", "torch"):
-            raise PatchAEError(f"bank.search={search} is unknown; use faiss or torch")
-        check_image_score(image_score, top_k)
-        if reweight_neighbors < 1:
-            raise PatchAEError(f"scoring.reweight_neighbors={reweight_neighbors} must be at least 1")
-        self.image_score, self.top_k, self.reweight_neighbors = (
-            image_score,
-            float(top_k),
-            int(reweight_neighbors),
-        )
+        self.scoring = read_group(ScoringSettings, scoring, "scoring")
+        self.bank_settings = read_group(BankSettings, bank, "bank")
+        self.threshold_settings = read_group(ThresholdSettings, threshold, "threshold")
+        self.preprocessing = read_group(Preprocessing, preprocessing, "preprocessing")
+        self.tiling = Tiling.from_config(self.preprocessing.tiling)  # data.tiling: score tiles, stitch maps
         self.val_bank_size = int(val_bank_size)
-        self.register_buffer("memory_bank", torch.empty(0, 0))
-        self._index: MemoryBank | None = None
-        self.search_block_mb: float = SEARCH_BLOCK_MB
         self.test_metrics = AnomalyMetrics()
         self.test_results: dict[str, float] = {}
-        self.threshold_method = check_method(threshold_method)
-        self.threshold_quantile = check_quantile(threshold_quantile)
-        # Checked now: a bad value found only after testing would cost the whole training run.
-        self.threshold_value = (
-            None if threshold_value is None else finite_number("threshold.value", threshold_value)
-        )
         self.thresholds = Thresholds()
         self.normal_scores = torch.empty(0)
         self.val_metrics = AnomalyMetrics()
         self.val_results: dict[str, float] = {}  # of the weights the fit kept (see BestEpochCallback)
         self.selected_epoch: int | None = None
         self.latest_val_results: dict[str, float] = {}
-        self._val_bank: torch.Tensor | None = None
+        self._val_scorer: nn.Module | None = None
 
-    # -- the bank ---------------------------------------------------------------------------------
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def bank_scorer(self) -> BankScorer:
+        """A :class:`BankScorer` with this model's settings (for the bank models' ``self.model``)."""
+        return BankScorer(self.bank_settings, self.scoring, self.tiling)
 
-    @torch.no_grad()
-    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
-        """(B*h*w, D) patch embeddings, the rows the bank is made of."""
-        embedding = self.embed(self.tiles(images))
-        return embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
-
-    def tiles(self, images: torch.Tensor) -> torch.Tensor:
-        """What ``embed`` sees: the tiles of ``images`` with ``data.tiling``, else the images themselves."""
-        return images if self.tiling is None else self.tiling.cut(images)
-
-    def calibrate_embedding(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Fits whatever scale ``embed`` applies to these training vectors (embedded with the current one) and
-        returns them as ``embed`` will now give them. Nothing to fit here."""
-        return vectors
-
-    def set_memory_bank(self, vectors: torch.Tensor) -> None:
-        self.memory_bank = vectors.detach().to(self.device, torch.float32).contiguous()
-        self._index = None
-        self.normal_scores = torch.empty(0)  # scores against the old bank are stale
-
-    @property
-    def has_memory_bank(self) -> bool:
-        return self.memory_bank.numel() > 0
-
+    # -- scoring: the torch model's ------------------------------------------------------------------------
     @property
     def is_fitted(self) -> bool:
         """Whether the model can score: its bank (or, without one, its normal statistics) exists."""
-        return self.has_memory_bank
+        return self.model.scorer.is_fitted
 
-    def check_fitted(self) -> None:
-        self.check_memory_bank()
-
-    def nearest_distances(self, queries: torch.Tensor, bank: torch.Tensor | None = None) -> torch.Tensor:
-        """(Q, k) Euclidean distances of each query to its k nearest vectors of the memory bank (or of ``bank``)."""
-        k = self.hparams.num_neighbors
-        if bank is not None or self.hparams.search == "torch":
-            bank = self.memory_bank if bank is None else bank
-            chunk, bank_chunk = search_chunks(self.search_block_mb, bank.shape[0])
-            return torch_nearest(queries, bank, k=k, chunk_size=chunk, bank_chunk_size=bank_chunk)[0]
-        if self._index is None:
-            self._index = MemoryBank(
-                self.memory_bank.cpu(), device=self.hparams.faiss_device, index=self.hparams.faiss_index
-            )
-        return self._index.search(queries, k=k)[0].to(queries.device)
-
-    # -- scoring ----------------------------------------------------------------------------------
-    def patch_distances(self, embedding: torch.Tensor, bank: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, h, w) anomaly score of every patch: distance to the nearest normal patch (mean over k)."""
-        batch, dim, height, width = embedding.shape
-        queries = embedding.permute(0, 2, 3, 1).reshape(-1, dim)
-        return self.nearest_distances(queries, bank).mean(dim=1).reshape(batch, height, width)
-
-    def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) patch scores of ``images`` against the memory bank."""
-        self.check_memory_bank()
-        return self.patch_distances(self.embed(images))
-
-    def check_memory_bank(self) -> None:
-        if not self.has_memory_bank:
-            raise PatchAEError(
-                "this model has no memory bank; train it first (the bank is built at the end of fit)"
-            )
+    @property
+    def bank_size(self) -> int:
+        return self.model.scorer.bank_size
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomaly maps (B, H, W) at input resolution and image scores (B,)."""
-        self.check_fitted()
-        return self.score(images)
+        return self.model(images)
 
-    def score(
-        self, images: torch.Tensor, bank: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Maps and image scores against the memory bank, or against ``bank`` (validation's)."""
-        embedding = self.embed(cpu_channels_last(self.tiles(images)))
-        patch = self.patch_distances(embedding, bank)
-        maps = self.maps_from_patches(patch, images.shape[-2:])
-        if self.image_score != "reweight":
-            return maps, image_scores(maps, self.image_score, self.top_k)
-        batch, dim = images.shape[0], embedding.shape[1]
-        features = embedding.flatten(2).transpose(1, 2).reshape(batch, -1, dim)  # an image's tiles together
-        scores = reweighted_image_scores(
-            features,
-            patch.reshape(batch, -1),
-            self.memory_bank if bank is None else bank,
-            self.reweight_neighbors,
-        )
-        return maps, scores.to(maps.device)
+    def fit_scorer(self, batches: Iterable[torch.Tensor], subsample: Subsample | None = None) -> None:
+        """Fit the scorer on batches of normal images (the memory-bank callback's, at the end of fit)."""
+        self.model.fit(batches, subsample)
+        self.normal_scores = torch.empty(0)  # scores against the old bank (or statistics) are stale
 
-    def maps_from_patches(self, patch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """(B [* tiles], h, w) patch scores -> (B, H, W) maps: upsampled (tile by tile, then stitched), blurred."""
-        if self.tiling is None:
-            return anomaly_maps(patch, size, self.hparams.blur_sigma)
-        tile_maps = anomaly_maps(patch, (self.tiling.tile, self.tiling.tile), 0.0)
-        return anomaly_maps(self.tiling.stitch(tile_maps, *size), size, self.hparams.blur_sigma)
+    def image_batches(self, loader: Iterable[dict[str, Any]]) -> Iterator[torch.Tensor]:
+        for batch in loader:
+            yield batch["image"].to(self.device)
 
     def normalize(self, scores: torch.Tensor) -> torch.Tensor:
         """Raw scores or maps -> [0, 1] with the decision threshold at 0.5 (nan before calibration)."""
@@ -244,28 +187,28 @@ class AnomalyModule(L.LightningModule):
 
     # -- label-free validation --------------------------------------------------------------------
     # The data module's validation set: held-out normal images, clean and with synthetic defects (exact masks).
-    # They are scored against a bank of up to ``val_bank_size`` random patch vectors of the training images:
-    # a cheap stand-in for the coreset, rebuilt with the current weights at every validation.
+    # They are scored by a scorer of the model's kind fitted with the current weights on validation's training
+    # images (for a bank: up to ``val_bank_size`` random patch vectors of them, a cheap stand-in for the coreset).
     def on_validation_epoch_start(self) -> None:
         self.val_metrics.reset()
+        self._val_scorer = self.model.scorer.twin()
         loader = self.trainer.datamodule.val_bank_dataloader()
-        vectors = torch.cat([self.embed_patches(batch["image"].to(self.device)) for batch in loader])
-        vectors = self.calibrate_embedding(vectors.float())
-        if len(vectors) > self.val_bank_size:
-            keep = torch.randperm(len(vectors), generator=torch.Generator().manual_seed(0))[
-                : self.val_bank_size
-            ]
-            vectors = vectors[keep.to(vectors.device)]
-        self._val_bank = vectors.contiguous()
+        self.model.fit(self.image_batches(loader), self.random_subset, scorer=self._val_scorer)
+
+    def random_subset(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Indices of at most ``val_bank_size`` of ``vectors``, the same ones every validation."""
+        if len(vectors) <= self.val_bank_size:
+            return torch.arange(len(vectors))
+        return torch.randperm(len(vectors), generator=torch.Generator().manual_seed(0))[: self.val_bank_size]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        maps, scores = self.score(batch["image"], bank=self._val_bank)
+        maps, scores = self.model(batch["image"], scorer=self._val_scorer)
         update_metrics(self.val_metrics, scores, maps, batch)
 
     def on_validation_epoch_end(self) -> None:
         self.val_metrics.gather()  # under DDP: every process's share, so all processes keep the same epoch
         results = self.val_metrics.compute()
-        self._val_bank = None
+        self._val_scorer = None
         self.latest_val_results = results
         # Equal on every process; sync_dist (a mean of equal values) keeps Lightning from warning under DDP.
         val = {f"val/{name}": results[name] for name in ("image_auroc", "pixel_auroc", "aupro")}
@@ -318,9 +261,9 @@ class AnomalyModule(L.LightningModule):
             scores,
             labels,
             self.normal_scores,
-            self.threshold_method,
-            self.threshold_quantile,
-            self.threshold_value,
+            self.threshold_settings.method,
+            self.threshold_settings.quantile,
+            self.threshold_settings.value,
         )
         self.test_results["image_threshold"] = self.thresholds.value
         self.test_results["image_accuracy"] = decision_accuracy(scores, labels, self.thresholds.value)
@@ -333,6 +276,7 @@ class AnomalyModule(L.LightningModule):
             {
                 "model_class": f"{type(self).__module__}.{type(self).__qualname__}",
                 "thresholds": self.thresholds.as_dict(),
+                "format": self.CHECKPOINT_FORMAT,
             }
         )
         if "hyper_parameters" in checkpoint:
@@ -340,10 +284,63 @@ class AnomalyModule(L.LightningModule):
             checkpoint.pop("hparams_type", None)  # a class, saved when hparams are an OmegaConf container
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The bank's size is only known once trained: shape the buffer before the state dict is copied in.
-        bank = checkpoint["state_dict"].get("memory_bank")
-        if bank is not None:
-            self.memory_bank = torch.empty_like(bank)
-            self._index = None
-        self.thresholds = Thresholds.from_dict(checkpoint.get(CHECKPOINT_KEY, {}).get("thresholds"))
+        saved = checkpoint.get(CHECKPOINT_KEY, {})
+        if (
+            saved.get("format", 1) < self.CHECKPOINT_FORMAT
+        ):  # an older file: its weights under their old names
+            upgrade_state_dict(checkpoint["state_dict"], self.legacy_state_keys)
+        self.thresholds = Thresholds.from_dict(saved.get("thresholds"))
         self.normal_scores = torch.tensor(self.thresholds.normal_scores, dtype=torch.float32)
+
+
+class ReconstructionModule(AnomalyModule):
+    """What SSL-AE's and DAAD's wrappers share: ``self.model`` is a :class:`ReconstructionModel` whose network
+    (``self.model.network``) may start from a pretrained timm encoder (``backbone``), trained on clean images."""
+
+    model: ReconstructionModel
+
+    def build_encoder(self) -> nn.Module | None:
+        """The pretrained encoder the hyperparameters name (``backbone`` a timm model), or None (scratch)."""
+        hparams = self.hparams
+        if hparams.backbone == "scratch":
+            return None
+        return pretrained_encoder(
+            hparams.backbone, hparams.encoder_layers, hparams.pretrained, hparams.weights
+        )
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The network's parameters at ``lr``, a pretrained encoder's at ``encoder_lr``."""
+        network = self.model.network
+        encoder = getattr(network, "pretrained", None)
+        if encoder is None:
+            return [{"params": list(network.parameters()), "lr": self.hparams.lr}]
+        own = {id(p) for p in encoder.parameters()}
+        rest = [p for p in network.parameters() if id(p) not in own]
+        return [
+            {"params": rest, "lr": self.hparams.lr},
+            {"params": list(encoder.parameters()), "lr": self.hparams.encoder_lr},
+        ]
+
+    def train(self, mode: bool = True) -> ReconstructionModule:
+        super().train(mode)
+        self.keep_encoder_batchnorm()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        self.keep_encoder_batchnorm()  # Lightning does not call train() when fitting starts
+
+    def keep_encoder_batchnorm(self) -> None:
+        """A pretrained encoder keeps its BatchNorm statistics: small batches would make poor ones."""
+        model = getattr(self, "model", None)
+        encoder = getattr(getattr(model, "network", None), "pretrained", None)
+        if encoder is not None:
+            for module in encoder.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    def on_fit_start(self) -> None:
+        if getattr(self.trainer.datamodule, "augment", None) is not None:
+            raise PatchAEError(
+                f"{type(self).__name__} trains on clean normal images, but the data adds CutPaste defects; "
+                "add augment=none"
+            )

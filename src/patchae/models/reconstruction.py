@@ -10,7 +10,6 @@ then blurred and the image score taken exactly as for the bank models (:mod:`pat
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +17,6 @@ from torch import nn
 
 from patchae.errors import PatchAEError
 from patchae.models.backbone import create_feature_extractor
-from patchae.models.base import AnomalyModule
-from patchae.scoring.maps import anomaly_maps, image_scores
 
 
 def conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
@@ -124,140 +121,3 @@ class EncoderDecoder(nn.Module):
 def squared_error_map(images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
     """(B, H, W) squared error, averaged over the channels."""
     return (images - reconstruction).pow(2).mean(dim=1)
-
-
-class ReconstructionModule(AnomalyModule):
-    """A model that scores by its own error terms (``error_terms``), standardised on normal training images.
-
-    Subclasses set ``term_names`` and implement ``error_terms(images) -> (B, T, H, W)`` at input resolution.
-    """
-
-    scores_by_bank = False
-    term_names: tuple[str, ...] = ("reconstruction",)
-
-    def __init__(
-        self,
-        term_weights: Sequence[float],
-        blur_sigma: float = 4.0,
-        threshold_method: str = "f1",
-        threshold_quantile: float = 0.99,
-        threshold_value: float | None = None,
-        image_score: str = "max",
-        top_k: float = 0.01,
-    ) -> None:
-        if image_score == "reweight":
-            raise PatchAEError(
-                "scoring.image_score=reweight needs a memory bank; reconstruction models take max or topk"
-            )
-        super().__init__(
-            blur_sigma=blur_sigma,
-            threshold_method=threshold_method,
-            threshold_quantile=threshold_quantile,
-            threshold_value=threshold_value,
-            image_score=image_score,
-            top_k=top_k,
-        )
-        if len(term_weights) != len(self.term_names) or min(term_weights) < 0 or sum(term_weights) <= 0:
-            raise PatchAEError(
-                f"term weights {list(term_weights)} must be {len(self.term_names)} non-negative numbers "
-                f"({', '.join(self.term_names)}), not all 0"
-            )
-        self.register_buffer("term_weights", torch.tensor([float(w) for w in term_weights]))
-        # Mean and standard deviation of each term over the normal training pixels; std 0 = not fitted yet.
-        self.register_buffer("term_mean", torch.zeros(len(self.term_names)))
-        self.register_buffer("term_std", torch.zeros(len(self.term_names)))
-
-    def error_terms(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    @property
-    def is_fitted(self) -> bool:
-        return bool((self.term_std > 0).all())
-
-    def check_fitted(self) -> None:
-        if not self.is_fitted:
-            raise PatchAEError(
-                "this model has no normal-image statistics; train it first (they are fitted at the end of fit)"
-            )
-
-    def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) anomaly map before the blur: the weighted sum of the standardised error terms."""
-        terms = self.error_terms(images)
-        standard = (terms - self.term_mean.view(1, -1, 1, 1)) / self.term_std.view(1, -1, 1, 1)
-        return (standard * self.term_weights.view(1, -1, 1, 1)).sum(dim=1)
-
-    def score(
-        self, images: torch.Tensor, bank: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Maps (B, H, W) and image scores (B,); ``bank`` is ignored (there is none)."""
-        maps = anomaly_maps(self.patch_scores(images), images.shape[-2:], self.hparams.blur_sigma)
-        return maps, image_scores(maps, self.image_score, self.top_k)
-
-    @torch.no_grad()
-    def fit_normal_statistics(self, loader: Any) -> None:
-        """Mean and std of every error term over all pixels of the images of ``loader`` (normal ones)."""
-        was_training = self.training
-        self.eval()
-        count, total, squares = 0, torch.zeros(len(self.term_names)), torch.zeros(len(self.term_names))
-        for batch in loader:
-            terms = self.error_terms(batch["image"].to(self.device)).double().cpu()
-            count += terms.numel() // terms.shape[1]
-            total += terms.sum(dim=(0, 2, 3))
-            squares += terms.pow(2).sum(dim=(0, 2, 3))
-        if count == 0:
-            raise PatchAEError("no normal training images to fit the anomaly-map statistics on")
-        mean = total / count
-        std = (squares / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-12)
-        self.term_mean = mean.float().to(self.term_mean.device)
-        self.term_std = std.float().to(self.term_std.device)
-        self.normal_scores = torch.empty(0)  # scores under the old statistics are stale
-        self.train(was_training)
-
-    def build_encoder(self) -> nn.Module | None:
-        """The pretrained encoder the hyperparameters name (``backbone`` a timm model), or None (scratch)."""
-        hparams = self.hparams
-        if hparams.backbone == "scratch":
-            return None
-        return pretrained_encoder(
-            hparams.backbone, hparams.encoder_layers, hparams.pretrained, hparams.weights
-        )
-
-    def parameter_groups(self, network: nn.Module) -> list[dict[str, Any]]:
-        """The network's parameters at ``lr``, a pretrained encoder's at ``encoder_lr``."""
-        encoder = getattr(network, "pretrained", None)
-        if encoder is None:
-            return [{"params": list(network.parameters()), "lr": self.hparams.lr}]
-        own = {id(p) for p in encoder.parameters()}
-        rest = [p for p in network.parameters() if id(p) not in own]
-        return [
-            {"params": rest, "lr": self.hparams.lr},
-            {"params": list(encoder.parameters()), "lr": self.hparams.encoder_lr},
-        ]
-
-    def train(self, mode: bool = True) -> ReconstructionModule:
-        super().train(mode)
-        self.keep_encoder_batchnorm()
-        return self
-
-    def on_train_epoch_start(self) -> None:
-        self.keep_encoder_batchnorm()  # Lightning does not call train() when fitting starts
-
-    def keep_encoder_batchnorm(self) -> None:
-        """A pretrained encoder keeps its BatchNorm statistics: small batches would make poor ones."""
-        encoder = getattr(getattr(self, "model", None), "pretrained", None)
-        if encoder is not None:
-            for module in encoder.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
-
-    def on_fit_start(self) -> None:
-        if getattr(self.trainer.datamodule, "augment", None) is not None:
-            raise PatchAEError(
-                f"{type(self).__name__} trains on clean normal images, but the data adds CutPaste defects; "
-                "add augment=none"
-            )
-
-    # Validation scores with statistics fitted on validation's training images, with the current weights.
-    def on_validation_epoch_start(self) -> None:
-        self.val_metrics.reset()
-        self.fit_normal_statistics(self.trainer.datamodule.val_bank_dataloader())

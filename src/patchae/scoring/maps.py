@@ -8,19 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from patchae.errors import PatchAEError
 from patchae.memory import torch_nearest
-
-# max: the map's maximum (Patch AE, PatchCore's default here) | topk: mean of the top_k share of map pixels |
-# reweight: PatchCore's Eq. 7, which needs the patch features and the bank (see AnomalyModule.score).
-IMAGE_SCORES = ("max", "topk", "reweight")
-
-
-def check_image_score(method: str, top_k: float) -> None:
-    if method not in IMAGE_SCORES:
-        raise PatchAEError(f"scoring.image_score={method} is unknown; use one of {', '.join(IMAGE_SCORES)}")
-    if not 0.0 < float(top_k) <= 1.0:
-        raise PatchAEError(f"scoring.top_k={top_k} must be a share of the map's pixels in (0, 1]")
 
 
 def blur_kernel_size(sigma: float) -> int:
@@ -66,13 +54,15 @@ def anomaly_maps(patch_scores: torch.Tensor, size: tuple[int, int], sigma: float
     """(B, h, w) patch scores -> (B, H, W) maps: bilinear upsampling, then a Gaussian blur (sigma in pixels).
 
     Computed as two matmuls with :func:`map_operator` (about 20x faster on CPU than upsampling and blurring,
-    equal to float rounding); very large maps take the interpolate + separable blur route."""
-    height, width = patch_scores.shape[-2:]
+    equal to float rounding); very large maps take the interpolate + separable blur route. While tracing, the
+    sizes are fixed ints and the (cached) operators constants of the graph."""
+    height, width = int(patch_scores.shape[-2]), int(patch_scores.shape[-1])
+    size = (int(size[0]), int(size[1]))
     if max(size) > MAX_OPERATOR_SIDE:
         maps = F.interpolate(patch_scores.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
         return (gaussian_blur(maps, sigma) if sigma > 0 else maps).squeeze(1)
-    rows = map_operator(height, int(size[0]), float(sigma)).to(patch_scores.device, patch_scores.dtype)
-    cols = map_operator(width, int(size[1]), float(sigma)).to(patch_scores.device, patch_scores.dtype)
+    rows = map_operator(height, size[0], float(sigma)).to(patch_scores.device, patch_scores.dtype)
+    cols = map_operator(width, size[1], float(sigma)).to(patch_scores.device, patch_scores.dtype)
     return rows @ patch_scores @ cols.t()
 
 

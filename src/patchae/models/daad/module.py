@@ -3,15 +3,16 @@ and by the discriminator's features."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from patchae.errors import PatchAEError
+from patchae.models.base import ReconstructionModule
 from patchae.models.daad.network import DAADNetwork, Discriminator
-from patchae.models.reconstruction import ReconstructionModule, squared_error_map
+from patchae.models.daad.torch_model import DAADModel
 
 
 class DAADModule(ReconstructionModule):
@@ -22,7 +23,14 @@ class DAADModule(ReconstructionModule):
     normal training images and weighted by ``reconstruction_weight`` / ``feature_weight``. Trains on clean
     normal images (``augment=none``, set by the model's config)."""
 
-    term_names = ("reconstruction", "discriminator_features")
+    legacy_state_keys = (
+        ("model.", "model.network."),
+        ("discriminator.", "model.discriminator."),
+        ("term_weights", "model.scorer.term_weights"),
+        ("term_mean", "model.scorer.term_mean"),
+        ("term_std", "model.scorer.term_std"),
+        ("memory_bank", None),  # the empty bank buffer every model had
+    )
 
     def __init__(
         self,
@@ -42,53 +50,30 @@ class DAADModule(ReconstructionModule):
         pretrained: bool = True,
         weights: str | None = None,
         encoder_lr: float = 1e-4,
-        blur_sigma: float = 4.0,
-        threshold_method: str = "f1",
-        threshold_quantile: float = 0.99,
-        threshold_value: float | None = None,
-        image_score: str = "max",
-        top_k: float = 0.01,
-        image_size: int = 256,
-        crop_size: int | None = None,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
-        resize_mode: str = "squash",  # preprocessing, saved for predict.py (see ImageTransform)
+        scoring: Mapping[str, Any] | None = None,
+        threshold: Mapping[str, Any] | None = None,
+        preprocessing: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(
-            (reconstruction_weight, feature_weight),
-            blur_sigma,
-            threshold_method,
-            threshold_quantile,
-            threshold_value,
-            image_score,
-            top_k,
-        )
+        super().__init__(scoring=scoring, threshold=threshold, preprocessing=preprocessing)
         self.save_hyperparameters()
         if min(adversarial_weight, entropy_weight) < 0:
             raise PatchAEError("model.adversarial_weight and model.entropy_weight must be >= 0")
         self.automatic_optimization = False  # two optimisers, stepped in turn
-        self.model = DAADNetwork(channels, block_sizes, memory_items, temperature, self.build_encoder())
-        self.discriminator = Discriminator(discriminator_width)
-
-    def error_terms(self, images: torch.Tensor) -> torch.Tensor:
-        self.model.check_input(images)
-        reconstruction = self.model(images)
-        _, real = self.discriminator(images)
-        _, fake = self.discriminator(reconstruction)
-        features = (real - fake).pow(2).mean(dim=1, keepdim=True)
-        features = F.interpolate(features, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return torch.cat([squared_error_map(images, reconstruction).unsqueeze(1), features], dim=1)
+        network = DAADNetwork(channels, block_sizes, memory_items, temperature, self.build_encoder())
+        weights = (reconstruction_weight, feature_weight)
+        self.model = DAADModel(network, Discriminator(discriminator_width), weights, self.scoring)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images = batch["image"]
-        self.model.check_input(images)
+        network, discriminator = self.model.network, self.model.discriminator
+        network.check_input(images)
         ae_optimizer, discriminator_optimizer = self.optimizers()
-        reconstruction = self.model(images)
-        entropy = self.model.entropy()
+        reconstruction = network(images)
+        entropy = network.entropy()
 
         # Discriminator: inputs are real, reconstructions fake.
-        real_logits, _ = self.discriminator(images)
-        fake_logits, _ = self.discriminator(reconstruction.detach())
+        real_logits, _ = discriminator(images)
+        fake_logits, _ = discriminator(reconstruction.detach())
         discriminator_loss = F.binary_cross_entropy_with_logits(
             real_logits, torch.ones_like(real_logits)
         ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
@@ -97,7 +82,7 @@ class DAADModule(ReconstructionModule):
         discriminator_optimizer.step()
 
         # Autoencoder: rebuild the input, fool the discriminator, address few memory items.
-        fooled_logits, _ = self.discriminator(reconstruction)
+        fooled_logits, _ = discriminator(reconstruction)
         reconstruction_loss = F.mse_loss(reconstruction, images)
         adversarial_loss = F.binary_cross_entropy_with_logits(fooled_logits, torch.ones_like(fooled_logits))
         loss = (
@@ -120,8 +105,8 @@ class DAADModule(ReconstructionModule):
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         # Adam with beta1 = 0.5, the usual choice for adversarial training.
         return [
-            torch.optim.Adam(self.parameter_groups(self.model), betas=(0.5, 0.999)),
+            torch.optim.Adam(self.parameter_groups(), betas=(0.5, 0.999)),
             torch.optim.Adam(
-                self.discriminator.parameters(), lr=self.hparams.discriminator_lr, betas=(0.5, 0.999)
+                self.model.discriminator.parameters(), lr=self.hparams.discriminator_lr, betas=(0.5, 0.999)
             ),
         ]

@@ -6,16 +6,13 @@ same coreset, search and scoring as Patch AE, so a comparison isolates what Patc
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
-from patchae.errors import PatchAEError
-from patchae.models.backbone import check_image_batch, create_feature_extractor
 from patchae.models.base import AnomalyModule
-from patchae.models.features import locally_aware_features
+from patchae.models.patchcore.torch_model import PatchCoreModel
 
 # PatchCore has nothing to optimise; Lightning's note about it is expected, not a problem.
 warnings.filterwarnings("ignore", message=r".*configure_optimizers.* returned `None`.*")
@@ -26,10 +23,11 @@ class PatchCoreModule(AnomalyModule):
 
     ``requires_training`` is False: the runner skips the fit loop and the memory bank is built at the end
     of fit, exactly as for Patch AE. Image scores are the maximum of the anomaly map (as Patch AE), or
-    PatchCore's re-weighted score with ``reweight=True`` (the same as ``image_score="reweight"``).
+    PatchCore's re-weighted score with ``reweight=True`` (the same as ``scoring.image_score=reweight``).
     """
 
     requires_training = False
+    legacy_state_keys = (("backbone.", "model.backbone."), ("memory_bank", "model.scorer.bank"))
 
     def __init__(
         self,
@@ -40,62 +38,17 @@ class PatchCoreModule(AnomalyModule):
         patch_size: int = 3,
         embedding_dim: int | None = None,
         reweight: bool = False,
-        reweight_neighbors: int = 9,
-        image_score: str = "max",
-        top_k: float = 0.01,
-        num_neighbors: int = 1,
-        blur_sigma: float = 4.0,
-        search: str = "faiss",
-        faiss_device: str = "auto",
-        faiss_index: str = "flat",
-        threshold_method: str = "f1",
-        threshold_quantile: float = 0.99,
-        threshold_value: float | None = None,
-        image_size: int = 256,
-        crop_size: int | None = 224,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
-        resize_mode: str = "squash",  # preprocessing, saved for predict.py (see ImageTransform)
-        tiling: dict | None = None,  # data.tiling: {tile, stride} (see patchae.tiling)
+        scoring: Mapping[str, Any] | None = None,
+        bank: Mapping[str, Any] | None = None,
+        threshold: Mapping[str, Any] | None = None,
+        preprocessing: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(
-            num_neighbors,
-            blur_sigma,
-            search,
-            faiss_device,
-            faiss_index,
-            threshold_method,
-            threshold_quantile,
-            threshold_value,
-            image_score="reweight" if reweight else image_score,
-            top_k=top_k,
-            reweight_neighbors=reweight_neighbors,
-            tiling=tiling,
-        )
+        super().__init__(scoring, bank, threshold, preprocessing)
         self.save_hyperparameters()
-        if len(layers) < 1:
-            raise PatchAEError(
-                "backbone.layers is empty; give at least one stage, e.g. backbone.layers=[2,3]"
-            )
-        if patch_size < 1 or patch_size % 2 == 0:
-            raise PatchAEError(
-                f"model.patch_size={patch_size} must be a positive odd number (PatchCore uses 3)"
-            )
-        if embedding_dim is not None and embedding_dim < 1:
-            raise PatchAEError(f"model.embedding_dim={embedding_dim} must be a positive integer or null")
-        self.backbone = create_feature_extractor(backbone, layers, pretrained=pretrained, weights=weights)
-        self.backbone.requires_grad_(False).eval()
-        self.max_stride = int(max(self.backbone.feature_info.reduction()))
-
-    def train(self, mode: bool = True) -> PatchCoreModule:
-        super().train(mode)
-        self.backbone.eval()  # pretrained features, pretrained BatchNorm statistics: always
-        return self
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        check_image_batch(images, self.max_stride)
-        return locally_aware_features(
-            self.backbone(images), self.hparams.patch_size, self.hparams.embedding_dim
+        if reweight:
+            self.scoring = dataclasses.replace(self.scoring, image_score="reweight")
+        self.model = PatchCoreModel(
+            backbone, layers, pretrained, weights, patch_size, embedding_dim, self.bank_scorer()
         )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:

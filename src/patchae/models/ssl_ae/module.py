@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from patchae.data.corruption import Corruption
 from patchae.data.datamodule import seeded_generator
-from patchae.models.reconstruction import ReconstructionModule, squared_error_map
+from patchae.models.base import ReconstructionModule
 from patchae.models.ssl_ae.network import SSLAutoencoder
+from patchae.models.ssl_ae.torch_model import SSLAEModel
 
 
 class SSLAEModule(ReconstructionModule):
@@ -21,7 +22,13 @@ class SSLAEModule(ReconstructionModule):
     error of the uncorrupted input. Training data must come without CutPaste (``augment=none``, the model's
     config sets it): the clean target would otherwise contain the defect."""
 
-    term_names = ("reconstruction",)
+    legacy_state_keys = (
+        ("model.", "model.network."),
+        ("term_weights", "model.scorer.term_weights"),
+        ("term_mean", "model.scorer.term_mean"),
+        ("term_std", "model.scorer.term_std"),
+        ("memory_bank", None),  # the empty bank buffer every model had
+    )
 
     def __init__(
         self,
@@ -36,30 +43,18 @@ class SSLAEModule(ReconstructionModule):
         pretrained: bool = True,
         weights: str | None = None,
         encoder_lr: float = 1e-4,
-        blur_sigma: float = 4.0,
-        threshold_method: str = "f1",
-        threshold_quantile: float = 0.99,
-        threshold_value: float | None = None,
-        image_score: str = "max",
-        top_k: float = 0.01,
-        image_size: int = 256,
-        crop_size: int | None = None,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
-        resize_mode: str = "squash",  # preprocessing, saved for predict.py (see ImageTransform)
+        scoring: Mapping[str, Any] | None = None,
+        threshold: Mapping[str, Any] | None = None,
+        preprocessing: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(
-            (1.0,), blur_sigma, threshold_method, threshold_quantile, threshold_value, image_score, top_k
-        )
+        super().__init__(scoring=scoring, threshold=threshold, preprocessing=preprocessing)
         self.save_hyperparameters()
         self.corruption = Corruption(**(corruption or {}))
-        self.model = SSLAutoencoder(channels, skips, encoder=self.build_encoder())
+        network = SSLAutoencoder(channels, skips, encoder=self.build_encoder())
+        self.model = SSLAEModel(network, self.scoring)
+        mean, std = self.preprocessing.mean, self.preprocessing.std
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-
-    def error_terms(self, images: torch.Tensor) -> torch.Tensor:
-        self.model.check_input(images)
-        return squared_error_map(images, self.model(images)).unsqueeze(1)
 
     def corrupt(self, images: torch.Tensor, step: int) -> torch.Tensor:
         """The batch (normalised) with each image corrupted; fills of kind ``image`` copy from the next image of
@@ -75,10 +70,11 @@ class SSLAEModule(ReconstructionModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images = batch["image"]
-        self.model.check_input(images)
-        loss = F.mse_loss(self.model(self.corrupt(images, self.global_step)), images)
+        network = self.model.network
+        network.check_input(images)
+        loss = F.mse_loss(network(self.corrupt(images, self.global_step)), images)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameter_groups(self.model), weight_decay=self.hparams.weight_decay)
+        return torch.optim.Adam(self.parameter_groups(), weight_decay=self.hparams.weight_decay)

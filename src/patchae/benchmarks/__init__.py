@@ -1,0 +1,1 @@
+"""Benchmarks that print figures: accuracy tables over models, categories and seeds (accuracy), speed against anomalib (speed), inference throughput and search (inference), coreset time and coverage (coreset)."""
