@@ -18,9 +18,11 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q
 
+# `make lint`: ruff (style and errors), then the package's layer contracts (import-linter, pyproject.toml).
 lint: install
 	$(PYTHON) -m ruff check src tests train.py predict.py export.py
 	$(PYTHON) -m ruff format --check src tests train.py predict.py export.py
+	$(VENV)/bin/lint-imports
 
 # `make bench`: Patch AE, PatchCore, SSL-AE and DAAD (their CPU-sized experiments) on every MVTec AD category
 # under data/mvtec_ad, then one table
