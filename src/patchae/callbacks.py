@@ -138,7 +138,7 @@ class BestEpochCallback(L.Callback):
 
     A later epoch replaces the best only when it beats it by more than ``min_delta``: differences smaller than
     what a few flipped validation images make are noise, and on noise the less trained weights are the safer
-    bet (synthetic-defect validation can favour training that real defects do not, see the README)."""
+    bet (synthetic-defect validation can favour training that real defects do not, see docs/results.md)."""
 
     def __init__(
         self,
