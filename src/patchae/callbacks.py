@@ -9,7 +9,7 @@ import math
 import os
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -382,8 +382,11 @@ def at_original_size(
     return image, anomaly_map, mask
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_csv(path: Path, rows: Sequence[dict[str, Any]], fields: Sequence[str] | None = None) -> None:
+    """``rows`` as a CSV file with a header: ``fields``, else the first row's keys."""
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else [])
+        writer = csv.DictWriter(
+            handle, fieldnames=list(fields if fields is not None else rows[0] if rows else [])
+        )
         writer.writeheader()
         writer.writerows(rows)

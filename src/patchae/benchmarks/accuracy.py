@@ -13,7 +13,6 @@ Methods are named after the model and whatever else differs between the runs (``
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import math
@@ -29,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from patchae.callbacks import write_csv
 from patchae.errors import PatchAEError
 from patchae.resume import complete_results
 
@@ -346,7 +346,8 @@ def write_markdown(rows: Sequence[Row], path: Path, sources: Sequence[Path]) -> 
     path.write_text("\n".join(lines))
 
 
-def write_csv(rows: Sequence[Row], path: Path) -> None:
+def write_table_csv(rows: Sequence[Row], path: Path) -> None:
+    """The benchmark table as CSV: one line per category and method, means, stds, the papers' figures."""
     fields = [
         "category",
         "method",
@@ -357,27 +358,26 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
         "paper_patchcore_image_auroc",
         "run_dirs",
     ]
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            paper = paper_columns(rows, row)
-            writer.writerow(
-                {
-                    "category": row.category,
-                    "method": row.method,
-                    "runs": len(row.runs),
-                    **row.metrics,
-                    **{f"{key}_std": row.std.get(key, "") for key, _, _ in METRICS},
-                    "paper_patch_ae_image_auroc": ""
-                    if paper["paper_patch_ae"] is None
-                    else paper["paper_patch_ae"] / 100,
-                    "paper_patchcore_image_auroc": ""
-                    if paper["paper_patchcore"] is None
-                    else paper["paper_patchcore"] / 100,
-                    "run_dirs": ";".join(str(p) for p in row.runs),
-                }
-            )
+    lines = []
+    for row in rows:
+        paper = paper_columns(rows, row)
+        lines.append(
+            {
+                "category": row.category,
+                "method": row.method,
+                "runs": len(row.runs),
+                **row.metrics,
+                **{f"{key}_std": row.std.get(key, "") for key, _, _ in METRICS},
+                "paper_patch_ae_image_auroc": ""
+                if paper["paper_patch_ae"] is None
+                else paper["paper_patch_ae"] / 100,
+                "paper_patchcore_image_auroc": ""
+                if paper["paper_patchcore"] is None
+                else paper["paper_patchcore"] / 100,
+                "run_dirs": ";".join(str(p) for p in row.runs),
+            }
+        )
+    write_csv(path, lines, fields)
 
 
 def plot(rows: Sequence[Row], path: Path) -> None:
@@ -457,7 +457,7 @@ def collect(directories: Sequence[Path], out: Path | None = None, quiet: bool = 
     out = Path(out or directories[0])
     out.mkdir(parents=True, exist_ok=True)
     write_markdown(rows, out / "benchmark.md", directories)
-    write_csv(rows, out / "benchmark.csv")
+    write_table_csv(rows, out / "benchmark.csv")
     plot(rows, out / "benchmark.png")
     if not quiet:
         print_table(rows, f"{len(runs)} runs from {', '.join(map(str, directories))}")

@@ -50,8 +50,9 @@ def reset_peak_memory() -> bool:
         return False
 
 
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process since the last reset (or since it started)."""
+def peak_resident_mb() -> float:
+    """Peak resident memory of this process since the last :func:`reset_peak_memory` (or since it started),
+    CPU memory only (results files' ``peak_memory_mb`` is the GPU's peak on a GPU)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -77,7 +78,7 @@ def extra_peak_mb(function: Any) -> tuple[Any, float]:
         return function(), math.nan
     start = resident_memory_mb()
     result = function()
-    return result, peak_memory_mb() - start
+    return result, peak_resident_mb() - start
 
 
 # -- throughput ------------------------------------------------------------------------------------------

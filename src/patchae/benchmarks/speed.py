@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from patchae.benchmarks.inference import peak_memory_mb, time_scoring
+from patchae.benchmarks.inference import peak_resident_mb, time_scoring
 from patchae.errors import PatchAEError
 
 log = logging.getLogger(__name__)
@@ -346,7 +346,7 @@ def run_system(
     else:
         row = run_patchae(cfg, system, workdir)
     if "missing" not in row:
-        row["peak_memory_mb"] = peak_memory_mb()
+        row["peak_memory_mb"] = peak_resident_mb()
         row["torch_threads"] = torch.get_num_threads()
     return row
 

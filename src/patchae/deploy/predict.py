@@ -16,7 +16,6 @@ the other images are processed.
 
 from __future__ import annotations
 
-import csv
 import glob
 import io
 import json
@@ -38,7 +37,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFont
 
-from patchae.callbacks import progress_bar
+from patchae.callbacks import progress_bar, write_csv
 from patchae.data import IMAGE_EXTENSIONS, ImageTransform, load_rgb
 from patchae.data.images import is_image_file
 from patchae.deploy.loading import load_model, pick_thresholds, resolve_device, set_threads
@@ -403,14 +402,6 @@ class OutputNames:
         return name
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    fields = list(Prediction("").row())
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def predict_to_folder(
     ckpt: str | Path,
     input: str | Path,
@@ -491,7 +482,7 @@ def predict_to_folder(
         )
     seconds = time.perf_counter() - started
     summary = summarize(rows, errors, predictor, ckpt, input, output, seconds)
-    write_csv(output / "predictions.csv", rows)
+    write_csv(output / "predictions.csv", rows, fields=list(Prediction("").row()))
     (output / "predictions.json").write_text(json.dumps(rows, indent=1))
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     if summary["predicted"] == 0:
