@@ -55,9 +55,10 @@ LARGE_BANK = 500_000
 
 
 class MemoryBankCallback(L.Callback):
-    """At the end of fit: fit the model's scorer on the un-augmented training images. A bank model keeps the
-    greedy k-center coreset of their patch vectors as its memory bank (:meth:`coreset`); a reconstruction
-    model fits its error statistics on them."""
+    """Hands the model the normal images its scorer is fitted on. At the end of fit: the un-augmented training
+    images; a bank model keeps the greedy k-center coreset of their patch vectors as its memory bank
+    (:meth:`coreset`), a reconstruction model fits its error statistics on them. Before every validation:
+    validation's training images, for a scorer fitted with the current weights."""
 
     def __init__(
         self,
@@ -102,6 +103,10 @@ class MemoryBankCallback(L.Callback):
         log.info("memory bank: %d of %d patch vectors (dim %d)", len(indices), len(vectors), vectors.shape[1])
         return indices.cpu()
 
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader = trainer.datamodule.val_bank_dataloader()
+        pl_module.fit_validation_scorer(pl_module.image_batches(loader))
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         was_training = pl_module.training
         pl_module.eval()
@@ -124,6 +129,26 @@ class MemoryBankCallback(L.Callback):
         # Under DDP every process built the bank (or statistics) from all training images (the bank loader is
         # not sharded); rank 0's copy then makes them equal to the last bit.
         broadcast_buffers(pl_module)
+
+
+class HoldoutScoresCallback(L.Callback):
+    """Scores the data module's held-out normal images (never trained on, never in the bank) once the scorer is
+    fitted, for the label-free ``quantile`` threshold that testing calibrates. After the results writer in the
+    callback list, so that this time counts neither as training nor as test throughput; a model tested without
+    fit in this process is scored when testing starts."""
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.is_fitted:
+            pl_module.normal_scores = self.holdout_scores(trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.normal_scores.numel() == 0:
+            pl_module.normal_scores = self.holdout_scores(trainer, pl_module)
+
+    @staticmethod
+    def holdout_scores(trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
+        loader = getattr(trainer.datamodule, "holdout_dataloader", lambda: None)()
+        return torch.empty(0) if loader is None else pl_module.image_scores(loader)
 
 
 class BestEpochCallback(L.Callback):

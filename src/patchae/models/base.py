@@ -67,9 +67,9 @@ def upgrade_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
     return upgraded
 
 
-def upgrade_state_dict(state_dict: dict[str, Any], renames: tuple[tuple[str, str], ...]) -> None:
+def upgrade_state_dict(state_dict: dict[str, Any], renames: tuple[tuple[str, str | None], ...]) -> None:
     """Rename, in place, the keys of an older checkpoint's weights: each (old prefix, new prefix) of ``renames``,
-    the first that matches; an old key that is ``None``'s target is dropped."""
+    the first that matches; a key renamed to ``None`` is dropped."""
     for key in list(state_dict):
         for old, new in renames:
             if key == old or (old.endswith(".") and key.startswith(old)):
@@ -105,8 +105,8 @@ class AnomalyModule(L.LightningModule):
     model scores without its training data.
 
     Testing also calibrates the decision threshold (:mod:`patchae.thresholds`): the F1-optimal one on the
-    test split and a label-free quantile of the scores of held-out normal images (the data module's
-    ``holdout_dataloader``, when it has one). ``self.thresholds`` is saved in the checkpoint together with
+    test split and a label-free quantile of ``normal_scores``, the scores of held-out normal images
+    (:class:`patchae.callbacks.HoldoutScoresCallback`). ``self.thresholds`` is saved in the checkpoint together with
     the model's class, so :func:`patchae.deploy.loading.load_model` restores the right model.
     """
 
@@ -164,8 +164,18 @@ class AnomalyModule(L.LightningModule):
         self.normal_scores = torch.empty(0)  # scores against the old bank (or statistics) are stale
 
     def image_batches(self, loader: Iterable[dict[str, Any]]) -> Iterator[torch.Tensor]:
+        """The images of a data loader's batches, on the model's device."""
         for batch in loader:
             yield batch["image"].to(self.device)
+
+    @torch.no_grad()
+    def image_scores(self, loader: Iterable[dict[str, Any]]) -> torch.Tensor:
+        """(N,) image scores of a loader's images, in eval mode (the held-out normals' for the threshold)."""
+        was_training = self.training
+        self.eval()
+        scores = [self(images)[1].float().cpu() for images in self.image_batches(loader)]
+        self.train(was_training)
+        return torch.cat(scores) if scores else torch.empty(0)
 
     def normalize(self, scores: torch.Tensor) -> torch.Tensor:
         """Raw scores or maps -> [0, 1] with the decision threshold at 0.5 (nan before calibration)."""
@@ -188,12 +198,18 @@ class AnomalyModule(L.LightningModule):
     # -- label-free validation --------------------------------------------------------------------
     # The data module's validation set: held-out normal images, clean and with synthetic defects (exact masks).
     # They are scored by a scorer of the model's kind fitted with the current weights on validation's training
-    # images (for a bank: up to ``val_bank_size`` random patch vectors of them, a cheap stand-in for the coreset).
+    # images (for a bank: up to ``val_bank_size`` random patch vectors of them, a cheap stand-in for the coreset),
+    # which :class:`patchae.callbacks.MemoryBankCallback` hands to :meth:`fit_validation_scorer` first.
+    def fit_validation_scorer(self, batches: Iterable[torch.Tensor]) -> None:
+        self._val_scorer = self.model.scorer.twin()
+        self.model.fit(batches, self.random_subset, scorer=self._val_scorer)
+
     def on_validation_epoch_start(self) -> None:
         self.val_metrics.reset()
-        self._val_scorer = self.model.scorer.twin()
-        loader = self.trainer.datamodule.val_bank_dataloader()
-        self.model.fit(self.image_batches(loader), self.random_subset, scorer=self._val_scorer)
+        if self._val_scorer is None:
+            raise PatchAEError(
+                "validation needs its scorer fitted first: add patchae.callbacks.MemoryBankCallback to the callbacks"
+            )
 
     def random_subset(self, vectors: torch.Tensor) -> torch.Tensor:
         """Indices of at most ``val_bank_size`` of ``vectors``, the same ones every validation."""
@@ -224,29 +240,8 @@ class AnomalyModule(L.LightningModule):
         }
 
     # -- testing ----------------------------------------------------------------------------------
-    def on_fit_end(self) -> None:
-        # Lightning runs the callbacks' on_fit_end first, so the memory bank exists by now. Scoring the
-        # held-out normals here keeps that time out of the test throughput.
-        if self.is_fitted:
-            was_training = self.training
-            self.eval()
-            with torch.no_grad():
-                self.normal_scores = self.score_holdout()
-            self.train(was_training)
-
     def on_test_epoch_start(self) -> None:
         self.test_metrics.reset()
-        if self.normal_scores.numel() == 0:  # tested without fit in this process (or fit had no bank)
-            self.normal_scores = self.score_holdout()
-
-    def score_holdout(self) -> torch.Tensor:
-        """Image scores of the data module's held-out normal images (never in the bank); empty if none."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        loader = datamodule.holdout_dataloader() if hasattr(datamodule, "holdout_dataloader") else None
-        if loader is None:
-            return torch.empty(0)
-        scores = [self(batch["image"].to(self.device))[1].float().cpu() for batch in loader]
-        return torch.cat(scores) if scores else torch.empty(0)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         maps, scores = self(batch["image"])
