@@ -39,6 +39,25 @@ def test_pixels_change_only_inside_the_mask(defect_type: str) -> None:
         assert out.min() >= 0 and out.max() <= 1
 
 
+@pytest.mark.parametrize("defect_type", ["normal", "scar"])
+def test_mask_is_the_set_of_changed_pixels_on_a_piecewise_constant_image(defect_type: str) -> None:
+    """Four flat quadrants: a pasted patch partly lands on its own colour, which is no defect."""
+    image = torch.zeros(3, 64, 64)
+    image[:, :32, 32:], image[:, 32:, :32], image[:, 32:, 32:] = 0.25, 0.5, 0.75
+    cutpaste = CutPaste(probability=1.0, defect_type=defect_type, color_jitter=0.0)
+    partly_unchanged = 0  # pastes whose changed pixels do not fill the pasted rectangle's box
+    for seed in range(60):
+        out, mask = cutpaste(image, generator=torch.Generator().manual_seed(seed))
+        changed = (out != image).any(dim=0)
+        assert torch.equal(mask[0].bool(), changed), f"seed {seed}"
+        if changed.any():
+            rows, cols = changed.any(dim=1).nonzero(), changed.any(dim=0).nonzero()
+            box = (int(rows[-1]) - int(rows[0]) + 1) * (int(cols[-1]) - int(cols[0]) + 1)
+            partly_unchanged += int(changed.sum()) < box
+    if defect_type == "normal":  # a written rectangle would always fill its box
+        assert partly_unchanged > 0
+
+
 def test_patch_is_moved_away_from_where_it_was_cut() -> None:
     # Without jitter, a patch pasted back onto its own source would leave every pixel unchanged.
     image = _image(1)

@@ -3,9 +3,10 @@
 A patch is cut from a random place of the image, colour-jittered, optionally rotated, and pasted somewhere
 else. Two shapes are supported: ``"normal"`` (a rectangle covering ``area_ratio`` of the image, not rotated,
 as in the paper) and ``"scar"`` (a thin ``scar_width`` x ``scar_length`` pixel strip, rotated by an angle
-from ``rotation``). The returned mask is exactly the set of pixels that were written: for rotated scars it
-follows the rotated strip itself, not its bounding box, and every pixel outside it is bit-identical to the
-input. All randomness comes from a ``torch.Generator``.
+from ``rotation``). The returned mask is exactly the set of pixels the paste changed: it lies inside the
+written patch (for rotated scars the rotated strip itself, not its bounding box), leaves out the written pixels
+that happen to equal what was there (a pasted piece of flat background is not a defect), and every pixel
+outside it is bit-identical to the input. All randomness comes from a ``torch.Generator``.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class CutPaste:
         out = image.clone()
         rows, cols = slice(dst_y, dst_y + keep.shape[0]), slice(dst_x, dst_x + keep.shape[1])
         out[:, rows, cols] = torch.where(keep, patch.to(image.dtype), out[:, rows, cols])
-        mask[0, rows, cols] = keep.to(image.dtype)
+        mask[0] = (out != image).any(dim=0).to(image.dtype)  # what changed, not all that was written
         return out, mask
 
     def _normal_size(self, rng: torch.Generator, height: int, width: int) -> tuple[int, int]:
