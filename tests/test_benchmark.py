@@ -275,7 +275,7 @@ def test_alpha_sweep_then_benchmark_table(tmp_path):
     )
     assert table.returncode == 0, table.stderr[-2000:]
     for alpha in ("0.0", "0.25", "0.5", "0.75", "1.0"):
-        assert f"Patch AE (loss.alpha={alpha})" in table.stdout
+        assert f"Patch AE (feature bank, loss.alpha={alpha})" in table.stdout
     rows = list(csv.DictReader((sweep / "benchmark.csv").open()))
     assert len(rows) == 5
     assert all(0.0 <= float(row["image_auroc"]) <= 1.0 for row in rows)

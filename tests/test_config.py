@@ -201,6 +201,11 @@ def test_paper_experiment_is_the_papers_setting(tmp_path):
     assert cfg.model._target_ == "patchae.models.PatchAEModule"
     assert cfg.augment._target_ == "patchae.data.CutPaste"
     assert (cfg.data.image_size, cfg.data.crop_size) == (256, 224)
+    # The paper's bank (R, not averaged), not the framework's feature bank; named so in results.
+    assert (cfg.model.bank_features, cfg.model.aggregate) == ("representation", "none")
+    assert compose_config([], tmp_path).model.bank_features == "features"
+    assert PatchAEModule("resnet18", pretrained=False, bank_features="representation").variant == "paper"
+    assert PatchAEModule("resnet18", pretrained=False, bank_features="features").variant == "feature bank"
     # The command line still wins over the experiment's choices.
     assert (
         compose_config(["experiment=paper", "backbone=efficientnet_lite0"], tmp_path).backbone.name

@@ -71,6 +71,7 @@ def run_metadata(cfg: DictConfig, model: L.LightningModule) -> dict[str, Any]:
     return {
         "category": cfg.category,
         "model": type(model).__name__,
+        "variant": getattr(model, "variant", None),  # Patch AE: "paper" or the bank it holds instead
         "backbone": model.hparams.get("backbone", cfg.backbone.name),  # "scratch" for SSL-AE and DAAD
         "layers": "+".join(str(layer) for layer in cfg.backbone.layers),
         "alpha": model.hparams.get("alpha"),  # None for models without the Patch AE loss (PatchCore)

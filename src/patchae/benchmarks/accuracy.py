@@ -7,7 +7,8 @@ categories and write one comparison table.
 
 Writes ``benchmark.md``, ``benchmark.csv`` and ``benchmark.png`` beside the runs: one row per category and
 method (plus the mean over categories), with the image AUROC the papers published for the same category.
-Methods are named after the model and whatever else differs between the runs (``Patch AE (loss.alpha=0.25)``).
+Methods are named after the model, the variant it says it is, and whatever else differs between the runs
+(``Patch AE (feature bank, loss.alpha=0.25)``, ``Patch AE (paper)``).
 """
 
 from __future__ import annotations
@@ -117,6 +118,11 @@ class Run:
         name = str(self.results.get("model", "?"))
         return MODEL_NAMES.get(name, name)
 
+    @property
+    def variant(self) -> str | None:
+        """What the model was run as, where it says: Patch AE's "paper" or "feature bank"."""
+        return self.results.get("variant")
+
 
 @dataclass
 class Row:
@@ -191,8 +197,9 @@ def method_names(runs: Sequence[Run]) -> list[str]:
     keys = [k for k in keys if not k.startswith("hydra") and varies_within_a_category(k)]
     names = []
     for run, setting in zip(runs, settings, strict=True):
-        variant = ", ".join(f"{key}={setting[key]}" for key in keys if key in setting)
-        names.append(f"{run.model} ({variant})" if variant else run.model)
+        parts = [run.variant] if run.variant else []
+        parts += [f"{key}={setting[key]}" for key in keys if key in setting]
+        names.append(f"{run.model} ({', '.join(parts)})" if parts else run.model)
     return names
 
 

@@ -68,6 +68,17 @@ class PatchAEModule(AnomalyModule):
             network.backbone.requires_grad_(False)
         self.model = PatchAEModel(network, bank_features, self.bank_scorer(), frozen_backbone=freeze_backbone)
 
+    @property
+    def variant(self) -> str:
+        """What this Patch AE is, for results: "paper" (bank of R, no local averaging, as Cui et al.), else the
+        bank it holds instead, e.g. "feature bank" (this framework's default)."""
+        if self.hparams.bank_features == "representation" and self.hparams.aggregate == "none":
+            return "paper"
+        names = {"representation": "R", "features": "feature", "pretrained": "pretrained-feature"}
+        bank = "+".join(names[block] for block in self.model.bank_blocks)
+        averaged = ", R averaged" if self.hparams.aggregate == "representation" and "R" in bank else ""
+        return f"{bank} bank{averaged}"
+
     def train(self, mode: bool = True) -> PatchAEModule:
         super().train(mode)
         if mode:
