@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from patchae.data.corruption import Corruption
 from patchae.errors import PatchAEError
 from patchae.models import SSLAEModule
 
@@ -43,12 +44,40 @@ def test_standardised_map_has_zero_mean_unit_std_on_the_fitting_images():
     assert abs(float(standard.mean())) < 1e-4 and abs(float(standard.std()) - 1) < 1e-3
 
 
-def test_corrupted_input_is_deterministic_and_the_target_clean():
+def test_corrupted_input_is_deterministic():
     model = SSLAEModule(channels=CHANNELS, seed=3)
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    first, again, later = model.corrupt(images, 5), model.corrupt(images, 5), model.corrupt(images, 6)
+    (first, _), (again, _), (later, _) = (
+        model.corrupt(images, 5),
+        model.corrupt(images, 5),
+        model.corrupt(images, 6),
+    )
     assert torch.equal(first, again) and not torch.equal(first, later)
     assert not torch.equal(first, images) and first.shape == images.shape
+
+
+@pytest.mark.parametrize("noise_in_target", [True, False])
+def test_target_is_the_clean_image_plus_exactly_the_inputs_noise_outside_the_corruption(noise_in_target):
+    """The follow-up's target: the model passes its input, noise included, through outside the corrupted regions
+    and repairs them inside; the ablation's (noise_in_target=False) is the clean image everywhere."""
+    corruption = Corruption(noise_std=0.05, noise_in_target=noise_in_target)
+    image = torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(0))
+    corrupted, target, mask = corruption.training_pair(
+        image, torch.Generator().manual_seed(2), source=image.flip(2)
+    )
+    inside, outside = mask[0].bool(), ~mask[0].bool()
+    assert inside.any() and outside.any()
+    # The noise sample the input carries (clipped to [0, 1] like the input), drawn after the regions.
+    noise = corrupted - image
+    assert float(noise[:, outside].std()) > 0.04
+    if noise_in_target:
+        assert torch.equal(target[:, outside], corrupted[:, outside])  # the clean image + the input's noise
+    else:
+        assert torch.equal(target, image)
+    assert torch.equal(target[:, inside], image[:, inside])
+    assert torch.equal(
+        corruption(image, torch.Generator().manual_seed(2), source=image.flip(2))[0], corrupted
+    )
 
 
 def test_pretrained_encoder_option():

@@ -3,9 +3,15 @@
 Between ``regions`` regions of varied shape (rectangle, ellipse, Perlin-noise blob) and size are replaced by a
 fill (a shifted region of another training image, a procedural texture, i.i.d. noise or a flat colour) blended
 in at a random opacity; the task mixes segmentation (where is the corruption) and inpainting (what was there).
-Then i.i.d. Gaussian noise of ``noise_std`` is added to the whole image and clipped to [0, 1] (the follow-up's
-Tikhonov regulariser; the target never contains it). The mask is exactly the pixels the regions changed; the
-noise touches every pixel and is not in it. All randomness comes from a ``torch.Generator``.
+Then i.i.d. Gaussian noise of ``noise_std`` is added to the whole image and clipped to [0, 1]. The mask is exactly
+the pixels the regions changed; the noise touches every pixel and is not in it.
+
+The training target (:meth:`Corruption.training_pair`) is, as in the SSL-AE follow-up (arXiv:2511.07233), the
+clean image inside the corrupted regions and the input itself, its noise sample included, everywhere else: the
+model learns to repair the corruption and to pass the rest through unchanged, a Tikhonov regulariser that anchors
+its Jacobian at the identity (so it keeps what it is shown, a darker normal part included).
+``noise_in_target=False`` gives the clean target everywhere (ordinary denoising, which pulls the Jacobian
+towards zero), kept for the ablation. All randomness comes from a ``torch.Generator``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ class Corruption:
         shapes, fills: the kinds to draw from, each region uniformly.
         opacity: weight of the fill against the original inside a region (uniform in the range; 1 = replaced).
         noise_std: standard deviation of the i.i.d. Gaussian noise over the whole image (0 = none).
+        noise_in_target: the training target keeps the input's noise outside the corrupted regions (the
+            follow-up's), else it is the clean image everywhere.
         seed: seed of the generator used when ``__call__`` gets none.
     """
 
@@ -43,6 +51,7 @@ class Corruption:
     fills: tuple[str, ...] = FILLS
     opacity: tuple[float, float] = (0.5, 1.0)
     noise_std: float = 0.02
+    noise_in_target: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -64,6 +73,16 @@ class Corruption:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(corrupted, mask)`` for a float ``3 x H x W`` image in [0, 1]; ``source`` (same shape) is the
         other training image that ``image`` fills copy from (the image itself, shifted, without one)."""
+        corrupted, _, mask = self.training_pair(image, generator, source)
+        return corrupted, mask
+
+    def training_pair(
+        self,
+        image: torch.Tensor,
+        generator: torch.Generator | None = None,
+        source: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(corrupted, target, mask)``: the input, what the model is to give back, and the corrupted pixels."""
         if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
             raise ValueError(
                 f"Corruption expects a float 3 x H x W tensor, got {tuple(image.shape)} {image.dtype}"
@@ -77,11 +96,14 @@ class Corruption:
             fill = self.fill(image if source is None else source, rng)
             opacity = _uniform(rng, *self.opacity)
             out = torch.where(region, opacity * fill + (1 - opacity) * out, out)
-        mask = (out != image).any(dim=0, keepdim=True).to(image.dtype)
+        changed = (out != image).any(dim=0, keepdim=True)
+        target = image
         if self.noise_std > 0:
-            noise = torch.randn(image.shape, generator=rng).to(image)
-            out = (out + self.noise_std * noise).clamp(0.0, 1.0)
-        return out, mask
+            noise = self.noise_std * torch.randn(image.shape, generator=rng).to(image)
+            out = (out + noise).clamp(0.0, 1.0)
+            if self.noise_in_target:  # outside the regions the target is the input itself
+                target = torch.where(changed, image, out)
+        return out, target, changed.to(image.dtype)
 
     def region_mask(self, height: int, width: int, rng: torch.Generator) -> torch.Tensor:
         """A (height, width) bool mask of one region of a random shape, size and place."""

@@ -18,9 +18,11 @@ from patchae.models.ssl_ae.torch_model import SSLAEModel
 class SSLAEModule(ReconstructionModule):
     """SSL-AE: every training image is corrupted (:class:`patchae.data.corruption.Corruption`, regions filled
     from the other images of the batch, textures, noise or a colour, plus Gaussian noise) and the autoencoder
-    is trained to give back the clean image (L2). The anomaly map is the standardised squared reconstruction
-    error of the uncorrupted input. Training data must come without CutPaste (``augment=none``, the model's
-    config sets it): the clean target would otherwise contain the defect."""
+    is trained (L2) to give back the clean image inside the corrupted regions and its input, noise included,
+    everywhere else (``corruption.noise_in_target``, the follow-up's; false: the clean image everywhere). The
+    anomaly map is the standardised squared reconstruction error of the uncorrupted input, averaged over the
+    colour channels. Training data must come without CutPaste (``augment=none``, the model's config sets it):
+    the target would otherwise contain the defect."""
 
     legacy_state_keys = (
         ("model.", "model.network."),
@@ -56,23 +58,26 @@ class SSLAEModule(ReconstructionModule):
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
-    def corrupt(self, images: torch.Tensor, step: int) -> torch.Tensor:
-        """The batch (normalised) with each image corrupted; fills of kind ``image`` copy from the next image of
-        the batch. Drawn from ``(seed, step, index)``: the same every run."""
+    def corrupt(self, images: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, targets)`` of a (normalised) batch: each image corrupted, and what the model is to give
+        back (:meth:`patchae.data.corruption.Corruption.training_pair`); fills of kind ``image`` copy from the
+        next image of the batch. Drawn from ``(seed, step, index)``: the same every run."""
         unit = images * self.pixel_std + self.pixel_mean
-        corrupted = [
-            self.corruption(
+        pairs = [
+            self.corruption.training_pair(
                 unit[i], seeded_generator(self.hparams.seed, step, i), source=unit[(i + 1) % len(unit)]
-            )[0]
+            )
             for i in range(len(unit))
         ]
-        return (torch.stack(corrupted) - self.pixel_mean) / self.pixel_std
+        inputs, targets = (torch.stack([pair[k] for pair in pairs]) for k in (0, 1))
+        return (inputs - self.pixel_mean) / self.pixel_std, (targets - self.pixel_mean) / self.pixel_std
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images = batch["image"]
         network = self.model.network
         network.check_input(images)
-        loss = F.mse_loss(network(self.corrupt(images, self.global_step)), images)
+        inputs, targets = self.corrupt(images, self.global_step)
+        loss = F.mse_loss(network(inputs), targets)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
         return loss
 
