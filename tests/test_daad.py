@@ -88,3 +88,24 @@ def test_pretrained_encoder_option():
     )
     assert [m.memory.shape[1] for m in model.model.network.level_modules] == [8 * 16, 16 * 4, 24 * 4, 40, 112]
     assert model.model.network(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+
+
+def test_the_training_loss_holds_the_feature_alignment_term():
+    """E ||f_D(x) - f_D(x^)||_2 over the discriminator's feature locations, weighted by alignment_weight, and the
+    reconstruction is what it pulls on (the input's features are a fixed target)."""
+    torch.manual_seed(0)
+    model = DAADModule(**SMALL, discriminator_width=4, adversarial_weight=0.0, entropy_weight=0.0)
+    images = torch.randn(2, 3, 32, 32)
+    reconstruction = model.model.network(images)
+    terms = model.autoencoder_losses(images, reconstruction, model.model.network.entropy())
+    _, real = model.model.discriminator(images)
+    _, fake = model.model.discriminator(reconstruction)
+    expected = (real - fake).pow(2).sum(dim=1).sqrt().mean()
+    assert torch.allclose(terms["alignment"], expected, rtol=1e-5) and float(expected) > 0
+    assert torch.allclose(terms["loss"], terms["reconstruction"] + 0.1 * expected, rtol=1e-5)
+    without = DAADModule(**SMALL, discriminator_width=4, alignment_weight=0.0, adversarial_weight=0.0)
+    without.load_state_dict(model.state_dict())
+    plain = without.autoencoder_losses(images, reconstruction, model.model.network.entropy())
+    assert torch.allclose(plain["loss"], terms["reconstruction"] + 2e-4 * model.model.network.entropy())
+    terms["alignment"].backward()
+    assert model.model.network.head.weight.grad.abs().sum() > 0

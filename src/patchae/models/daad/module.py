@@ -17,8 +17,9 @@ from patchae.models.daad.torch_model import DAADModel
 
 class DAADModule(ReconstructionModule):
     """DAAD: the autoencoder learns to rebuild normal images (L2) through its block-wise memories while a
-    discriminator learns to tell input from reconstruction, and the autoencoder to fool it; a small entropy
-    penalty keeps the memory addressing sparse. Anomaly map: the squared reconstruction error plus the squared
+    discriminator learns to tell input from reconstruction, and the autoencoder to fool it and to match the
+    discriminator's intermediate features of the input (alignment); a small entropy penalty keeps the memory
+    addressing sparse. Anomaly map: the squared reconstruction error plus the squared
     distance of the discriminator's features of input and reconstruction (upsampled), each standardised on
     normal training images and weighted by ``reconstruction_weight`` / ``feature_weight``. Trains on clean
     normal images (``augment=none``, set by the model's config)."""
@@ -40,6 +41,7 @@ class DAADModule(ReconstructionModule):
         temperature: float = 0.1,
         discriminator_width: int = 32,
         adversarial_weight: float = 0.01,
+        alignment_weight: float = 0.1,
         entropy_weight: float = 2e-4,
         reconstruction_weight: float = 1.0,
         feature_weight: float = 1.0,
@@ -56,8 +58,10 @@ class DAADModule(ReconstructionModule):
     ) -> None:
         super().__init__(scoring=scoring, threshold=threshold, preprocessing=preprocessing)
         self.save_hyperparameters()
-        if min(adversarial_weight, entropy_weight) < 0:
-            raise PatchAEError("model.adversarial_weight and model.entropy_weight must be >= 0")
+        if min(adversarial_weight, alignment_weight, entropy_weight) < 0:
+            raise PatchAEError(
+                "model.adversarial_weight, model.alignment_weight and model.entropy_weight must be >= 0"
+            )
         self.automatic_optimization = False  # two optimisers, stepped in turn
         network = DAADNetwork(channels, block_sizes, memory_items, temperature, self.build_encoder())
         weights = (reconstruction_weight, feature_weight)
@@ -81,26 +85,46 @@ class DAADModule(ReconstructionModule):
         self.manual_backward(discriminator_loss)
         discriminator_optimizer.step()
 
-        # Autoencoder: rebuild the input, fool the discriminator, address few memory items.
-        fooled_logits, _ = discriminator(reconstruction)
-        reconstruction_loss = F.mse_loss(reconstruction, images)
-        adversarial_loss = F.binary_cross_entropy_with_logits(fooled_logits, torch.ones_like(fooled_logits))
-        loss = (
-            reconstruction_loss
-            + self.hparams.adversarial_weight * adversarial_loss
-            + self.hparams.entropy_weight * entropy
-        )
+        terms = self.autoencoder_losses(images, reconstruction, entropy)
+        loss = terms["loss"]
         ae_optimizer.zero_grad()
         self.manual_backward(loss)
         ae_optimizer.step()
 
         size = images.shape[0]
         self.log(
-            "train/loss", reconstruction_loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size
+            "train/loss", terms["reconstruction"], on_step=True, on_epoch=True, prog_bar=True, batch_size=size
         )
+        self.log("train/alignment_loss", terms["alignment"], on_epoch=True, batch_size=size)
         self.log("train/discriminator_loss", discriminator_loss, on_epoch=True, batch_size=size)
         self.log("train/memory_entropy", entropy, on_epoch=True, batch_size=size)
         return loss
+
+    def autoencoder_losses(
+        self, images: torch.Tensor, reconstruction: torch.Tensor, entropy: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The autoencoder's objective and its terms: rebuild the input (L2), fool the discriminator, align the
+        discriminator's intermediate features of input and reconstruction (E ||f_D(x) - f_D(x^)||_2 over its
+        feature locations, the paper's feature alignment; the input's side is a fixed target), and address few
+        memory items (entropy)."""
+        discriminator = self.model.discriminator
+        fooled_logits, fake_features = discriminator(reconstruction)
+        with torch.no_grad():
+            _, real_features = discriminator(images)
+        terms = {
+            "reconstruction": F.mse_loss(reconstruction, images),
+            "adversarial": F.binary_cross_entropy_with_logits(fooled_logits, torch.ones_like(fooled_logits)),
+            "alignment": torch.linalg.vector_norm(real_features - fake_features, dim=1).mean(),
+            "entropy": entropy,
+        }
+        hparams = self.hparams
+        terms["loss"] = (
+            terms["reconstruction"]
+            + hparams.adversarial_weight * terms["adversarial"]
+            + hparams.alignment_weight * terms["alignment"]
+            + hparams.entropy_weight * terms["entropy"]
+        )
+        return terms
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         # Adam with beta1 = 0.5, the usual choice for adversarial training.
