@@ -17,7 +17,8 @@ from checkpoint_fixture import session_checkpoint_fixture
 from conftest import REPO
 from patchae.benchmarks.inference import benchmark_bank, extra_peak_mb, reset_peak_memory
 from patchae.data import ImageTransform, SyntheticDataModule
-from patchae.deploy.predict import Predictor, folder_label, predict_to_folder
+from patchae.deploy.inputs import folder_label
+from patchae.deploy.predict import Predictor, predict_to_folder
 from patchae.errors import PatchAEError
 from patchae.memory import MemoryBank, torch_nearest
 from patchae.scoring.bank import search_chunks
