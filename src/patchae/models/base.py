@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from patchae.checkpoints import to_plain
+from patchae.data.datamodule import seeded_generator
+from patchae.data.lighting import LightingJitter
 from patchae.errors import PatchAEError
 from patchae.metrics import AnomalyMetrics
 from patchae.models.reconstruction import pretrained_encoder
@@ -293,6 +295,19 @@ class ReconstructionModule(AnomalyModule):
     (``self.model.network``) may start from a pretrained timm encoder (``backbone``), trained on clean images."""
 
     model: ReconstructionModel
+
+    def vary_lighting(
+        self, images: torch.Tensor, lighting: LightingJitter, seed: int, step: int
+    ) -> torch.Tensor:
+        """The (normalised) batch with each image lit differently (:mod:`patchae.data.lighting`), drawn from
+        ``(seed, step, index)``: the same every run. Unchanged when ``lighting`` is not active."""
+        if not lighting.active:
+            return images
+        mean = torch.tensor(self.preprocessing.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.preprocessing.std, device=images.device).view(1, 3, 1, 1)
+        unit = images * std + mean
+        lit = [lighting(unit[i], seeded_generator(seed, step, i, 1)) for i in range(len(unit))]
+        return (torch.stack(lit) - mean) / std
 
     def build_encoder(self) -> nn.Module | None:
         """The pretrained encoder the hyperparameters name (``backbone`` a timm model), or None (scratch)."""

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from patchae.data.lighting import LightingJitter
 from patchae.errors import PatchAEError
 from patchae.models.base import ReconstructionModule
 from patchae.models.daad.network import DAADNetwork, Discriminator
@@ -52,6 +53,8 @@ class DAADModule(ReconstructionModule):
         pretrained: bool = True,
         weights: str | None = None,
         encoder_lr: float = 1e-4,
+        lighting: Mapping[str, Any] | None = None,
+        seed: int = 0,
         scoring: Mapping[str, Any] | None = None,
         threshold: Mapping[str, Any] | None = None,
         preprocessing: Mapping[str, Any] | None = None,
@@ -63,6 +66,7 @@ class DAADModule(ReconstructionModule):
                 "model.adversarial_weight, model.alignment_weight and model.entropy_weight must be >= 0"
             )
         self.automatic_optimization = False  # two optimisers, stepped in turn
+        self.lighting = LightingJitter(**(lighting or {}))
         network = DAADNetwork(channels, block_sizes, memory_items, temperature, self.build_encoder())
         weights = (reconstruction_weight, feature_weight)
         self.model = DAADModel(network, Discriminator(discriminator_width), weights, self.scoring)
@@ -71,6 +75,7 @@ class DAADModule(ReconstructionModule):
         images = batch["image"]
         network, discriminator = self.model.network, self.model.discriminator
         network.check_input(images)
+        images = self.vary_lighting(images, self.lighting, self.hparams.seed, self.global_step)
         ae_optimizer, discriminator_optimizer = self.optimizers()
         reconstruction = network(images)
         entropy = network.entropy()

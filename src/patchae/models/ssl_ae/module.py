@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from patchae.data.corruption import Corruption
 from patchae.data.datamodule import seeded_generator
+from patchae.data.lighting import LightingJitter
 from patchae.models.base import ReconstructionModule
 from patchae.models.ssl_ae.network import SSLAutoencoder
 from patchae.models.ssl_ae.torch_model import SSLAEModel
@@ -45,6 +46,7 @@ class SSLAEModule(ReconstructionModule):
         pretrained: bool = True,
         weights: str | None = None,
         encoder_lr: float = 1e-4,
+        lighting: Mapping[str, Any] | None = None,
         scoring: Mapping[str, Any] | None = None,
         threshold: Mapping[str, Any] | None = None,
         preprocessing: Mapping[str, Any] | None = None,
@@ -52,6 +54,7 @@ class SSLAEModule(ReconstructionModule):
         super().__init__(scoring=scoring, threshold=threshold, preprocessing=preprocessing)
         self.save_hyperparameters()
         self.corruption = Corruption(**(corruption or {}))
+        self.lighting = LightingJitter(**(lighting or {}))
         network = SSLAutoencoder(channels, skips, encoder=self.build_encoder())
         self.model = SSLAEModel(network, self.scoring)
         mean, std = self.preprocessing.mean, self.preprocessing.std
@@ -76,7 +79,8 @@ class SSLAEModule(ReconstructionModule):
         images = batch["image"]
         network = self.model.network
         network.check_input(images)
-        inputs, targets = self.corrupt(images, self.global_step)
+        lit = self.vary_lighting(images, self.lighting, self.hparams.seed, self.global_step)
+        inputs, targets = self.corrupt(lit, self.global_step)
         loss = F.mse_loss(network(inputs), targets)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
         return loss
