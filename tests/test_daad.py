@@ -94,7 +94,9 @@ def test_the_training_loss_holds_the_feature_alignment_term():
     """E ||f_D(x) - f_D(x^)||_2 over the discriminator's feature locations, weighted by alignment_weight, and the
     reconstruction is what it pulls on (the input's features are a fixed target)."""
     torch.manual_seed(0)
-    model = DAADModule(**SMALL, discriminator_width=4, adversarial_weight=0.0, entropy_weight=0.0)
+    model = DAADModule(
+        **SMALL, discriminator_width=4, adversarial_weight=0.0, alignment_weight=0.1, entropy_weight=0.0
+    )
     images = torch.randn(2, 3, 32, 32)
     reconstruction = model.model.network(images)
     terms = model.autoencoder_losses(images, reconstruction, model.model.network.entropy())

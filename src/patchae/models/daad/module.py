@@ -42,7 +42,7 @@ class DAADModule(ReconstructionModule):
         temperature: float = 0.1,
         discriminator_width: int = 32,
         adversarial_weight: float = 0.01,
-        alignment_weight: float = 0.1,
+        alignment_weight: float = 0.0,
         entropy_weight: float = 2e-4,
         reconstruction_weight: float = 1.0,
         feature_weight: float = 1.0,
