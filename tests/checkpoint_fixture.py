@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO, TINY_RUN
@@ -54,3 +56,15 @@ def session_checkpoint_fixture() -> Any:
         return _RUNS["tiny"]
 
     return trained
+
+
+def save_checkpoint(model: Any, path: Path) -> dict[str, Any]:
+    """model.ckpt as train.py writes it (weights, hyper-parameters, the patchae key), without a trainer."""
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+    }
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return checkpoint

@@ -3,13 +3,12 @@
 import subprocess
 import sys
 
-import lightning
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from checkpoint_fixture import session_checkpoint_fixture, train_tiny
+from checkpoint_fixture import save_checkpoint, session_checkpoint_fixture, train_tiny
 from conftest import REPO
 from patchae.data import AnomalyImageDataset, ImageTransform, Sample
 from patchae.deploy.loading import load_model
@@ -142,14 +141,7 @@ def save_untrained_checkpoint(path, backbone="resnet18"):
     ).eval()
     model.model.scorer.fit(model.model.embed_patches(torch.randn(2, 3, 48, 48)))
     model.thresholds = Thresholds(method="manual", value=1.0, low=0.0, high=2.0)
-    checkpoint = {
-        "state_dict": model.state_dict(),
-        "hyper_parameters": dict(model.hparams),
-        "pytorch-lightning_version": lightning.__version__,
-    }
-    model.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, path)
-    return checkpoint
+    return save_checkpoint(model, path)
 
 
 def test_checkpoint_from_another_backbone_predicts_with_its_own_settings(good_image, tmp_path):

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning
 import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import gaussian_blur
 
+from checkpoint_fixture import save_checkpoint
 from patchae.deploy.export import export_model
 from patchae.deploy.loading import load_model
 from patchae.models import DAADModule, PatchAEModule, PatchCoreModule, SSLAEModule
@@ -127,23 +127,12 @@ def test_faiss_and_torch_search_give_the_same_scores(name):
     )
 
 
-def save_checkpoint(model, path: Path) -> Path:
-    """model.ckpt as train.py writes it (weights, hyper-parameters, the patchae key), without a trainer."""
-    checkpoint = {
-        "state_dict": model.state_dict(),
-        "hyper_parameters": dict(model.hparams),
-        "pytorch-lightning_version": lightning.__version__,
-    }
-    model.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, path)
-    return path
-
-
 def test_export_of_every_model_traces_its_own_forward(fitted, tmp_path):
     """TorchScript and ONNX of each model agree with its checkpoint to 1e-4 (export checks it and raises)."""
     name, model, _, images = fitted
     model.thresholds = Thresholds(method="manual", value=1.0, low=0.0, high=2.0)
-    ckpt = save_checkpoint(model, tmp_path / f"{name}.ckpt")
+    ckpt = tmp_path / f"{name}.ckpt"
+    save_checkpoint(model, ckpt)
     result = export_model(ckpt, tmp_path / "export", format="both", example=images)
     assert max(result["onnx_max_difference"].values()) <= 1e-4
     assert max(result["torchscript_max_difference"].values()) <= 1e-4
