@@ -148,7 +148,7 @@ class HoldoutScoresCallback(L.Callback):
     @staticmethod
     def holdout_scores(trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
         loader = getattr(trainer.datamodule, "holdout_dataloader", lambda: None)()
-        return torch.empty(0) if loader is None else pl_module.image_scores(loader)
+        return torch.empty(0) if loader is None else pl_module.score_images(loader)
 
 
 class BestEpochCallback(L.Callback):

@@ -133,7 +133,6 @@ def exporting() -> Iterator[None]:
 
 def export_torchscript(exported: ExportedModel, example: Tensor, path: Path, extra: dict[str, Any]) -> Path:
     with exporting():
-        warnings.simplefilter("ignore")  # tracer warnings about shape-derived Python ints: B stays dynamic
         traced = torch.jit.trace(exported, example, check_trace=False)
         torch.jit.save(traced, str(path), _extra_files={"patchae.json": json.dumps(extra)})
     return path

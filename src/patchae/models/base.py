@@ -171,7 +171,7 @@ class AnomalyModule(L.LightningModule):
             yield batch["image"].to(self.device)
 
     @torch.no_grad()
-    def image_scores(self, loader: Iterable[dict[str, Any]]) -> torch.Tensor:
+    def score_images(self, loader: Iterable[dict[str, Any]]) -> torch.Tensor:
         """(N,) image scores of a loader's images, in eval mode (the held-out normals' for the threshold)."""
         was_training = self.training
         self.eval()

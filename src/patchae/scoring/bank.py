@@ -58,10 +58,9 @@ class BankScorer(nn.Module):
         self.search_block_mb: float = SEARCH_BLOCK_MB
         self.block_rows: int | None = None  # bank rows per torch search block; None: from search_block_mb
 
-    def twin(self, search: str | None = None) -> BankScorer:
-        """An unfitted scorer with the same settings (validation's bank), optionally with another search."""
-        settings = self.settings if search is None else dataclasses.replace(self.settings, search=search)
-        return BankScorer(settings, self.scoring, self.tiling).to(self.bank.device)
+    def twin(self) -> BankScorer:
+        """An unfitted scorer with the same settings (validation's bank)."""
+        return BankScorer(self.settings, self.scoring, self.tiling).to(self.bank.device)
 
     def set_search(self, search: str) -> None:
         """Search the bank with ``search`` (faiss | torch) from now on."""
