@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 from hydra.utils import instantiate
+from torchmetrics.functional.classification import binary_auroc
 
 from checkpoint_fixture import train_tiny
 from patchae.deploy.export import export_model
@@ -63,3 +64,49 @@ def test_export_scores_like_the_checkpoint(trained, tmp_path):
     result = export_model(run.ckpt, output=tmp_path, format="both", check=True)
     assert max(result["onnx_max_difference"].values()) < 1e-4
     assert max(result["torchscript_max_difference"].values()) < 1e-4
+
+
+@pytest.mark.parametrize("gain", [0.9, 1.1])
+def test_normal_images_lit_10_percent_differently_score_below_defective_ones(trained, gain):
+    """A global change of lighting is not a defect: the test split's normal images with their brightness and
+    contrast changed by 10 % still score below its defective ones (3-15 % of the image), as the unchanged ones do."""
+    _, run = trained
+    model = load_model(run.ckpt)
+    datamodule = instantiate(run.cfg.data, augment=None, _convert_="all")
+    datamodule.setup("test")
+    mean = torch.tensor(model.preprocessing.mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.preprocessing.std).view(1, 3, 1, 1)
+    normal, lit, defective = [], [], []
+    with torch.no_grad():
+        for batch in datamodule.test_dataloader():
+            images, labels = batch["image"], batch["label"].bool()
+            raw = images * std + mean
+            centre = raw.mean(dim=(1, 2, 3), keepdim=True)
+            changed = (((raw - centre) * gain + centre) * gain).clamp(0, 1)  # contrast and brightness
+            _, scores = model(images)
+            _, lit_scores = model((changed - mean) / std)
+            normal += scores[~labels].tolist()
+            lit += lit_scores[~labels].tolist()
+            defective += scores[labels].tolist()
+    assert normal and defective
+    lit_auroc = binary_auroc(
+        torch.tensor(lit + defective), torch.tensor([0] * len(lit) + [1] * len(defective))
+    )
+    assert float(lit_auroc) > 0.8
+    spread = torch.tensor(normal + defective).std()
+    assert float((torch.tensor(lit) - torch.tensor(normal)).abs().max()) < 0.1 * float(spread)
+
+
+@pytest.mark.parametrize("cls", [SSLAEModule, DAADModule], ids=["ssl_ae", "daad"])
+def test_per_image_intensity_cancels_a_global_gain_and_offset_exactly(cls):
+    """With ``per_image_intensity`` the error terms of an image lit with another gain and offset are the same;
+    without it they differ (the option is what makes the difference)."""
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    relit = images * 0.8 - 0.3
+    sizes = {"block_sizes": (2, 2, 1)} if cls is DAADModule else {}
+    for invariant in (True, False):
+        model = cls(channels=(4, 8, 16), per_image_intensity=invariant, **sizes)
+        terms = model.model.eval().error_terms
+        with torch.no_grad():
+            same = torch.allclose(terms(images), terms(relit), atol=1e-4)
+        assert same == invariant

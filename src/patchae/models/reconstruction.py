@@ -59,7 +59,11 @@ class EncoderDecoder(nn.Module):
     modules let through. The output is an image in the input's (normalised) units.
 
     With ``encoder`` (see :func:`pretrained_encoder`), its stages are levels 1, 2, ... and only level 0 (full
-    resolution) is a convolution block of its own; ``channels`` then come from :func:`level_channels`."""
+    resolution) is a convolution block of its own; ``channels`` then come from :func:`level_channels`.
+
+    With ``per_image_intensity``, the models put every image in its own intensity frame before the network sees it
+    (:meth:`standardize`), so that a global change of brightness or contrast changes neither the reconstruction
+    nor the error."""
 
     def __init__(
         self,
@@ -67,8 +71,10 @@ class EncoderDecoder(nn.Module):
         skips: bool = True,
         level_modules: Sequence[nn.Module] | None = None,
         encoder: nn.Module | None = None,
+        per_image_intensity: bool = False,
     ) -> None:
         super().__init__()
+        self.per_image_intensity = bool(per_image_intensity)
         channels = level_channels(channels, encoder)
         if len(channels) < 2 or min(channels) < 1:
             raise PatchAEError(f"model.channels={channels} needs at least two positive widths (levels)")
@@ -100,6 +106,18 @@ class EncoderDecoder(nn.Module):
                 f"image size {tuple(images.shape[-2:])} must be a multiple of {self.stride} (the coarsest "
                 "level of model.channels, or memory block); change data.image_size / data.crop_size"
             )
+
+    def standardize(self, images: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """``images`` in the intensity frame of ``reference`` (default: themselves) when ``per_image_intensity``:
+        each reference image's channel means removed, then divided by its standard deviation over channels and
+        pixels (one for all channels, so colour contrasts keep their ratios). A gain and offset of the whole image
+        (in raw or normalised pixels) cancel exactly. Unchanged otherwise."""
+        if not self.per_image_intensity:
+            return images
+        reference = images if reference is None else reference
+        mean = reference.mean(dim=(2, 3), keepdim=True)
+        std = (reference - mean).pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
+        return (images - mean) / std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = []

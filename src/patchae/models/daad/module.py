@@ -54,6 +54,7 @@ class DAADModule(ReconstructionModule):
         weights: str | None = None,
         encoder_lr: float = 1e-4,
         lighting: Mapping[str, Any] | None = None,
+        per_image_intensity: bool = False,
         seed: int = 0,
         scoring: Mapping[str, Any] | None = None,
         threshold: Mapping[str, Any] | None = None,
@@ -67,7 +68,14 @@ class DAADModule(ReconstructionModule):
             )
         self.automatic_optimization = False  # two optimisers, stepped in turn
         self.lighting = LightingJitter(**(lighting or {}))
-        network = DAADNetwork(channels, block_sizes, memory_items, temperature, self.build_encoder())
+        network = DAADNetwork(
+            channels,
+            block_sizes,
+            memory_items,
+            temperature,
+            self.build_encoder(),
+            per_image_intensity=per_image_intensity,
+        )
         weights = (reconstruction_weight, feature_weight)
         self.model = DAADModel(network, Discriminator(discriminator_width), weights, self.scoring)
 
@@ -76,6 +84,7 @@ class DAADModule(ReconstructionModule):
         network, discriminator = self.model.network, self.model.discriminator
         network.check_input(images)
         images = self.vary_lighting(images, self.lighting, self.hparams.seed, self.global_step)
+        images = network.standardize(images)
         ae_optimizer, discriminator_optimizer = self.optimizers()
         reconstruction = network(images)
         entropy = network.entropy()

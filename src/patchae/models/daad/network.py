@@ -84,6 +84,7 @@ class DAADNetwork(EncoderDecoder):
         memory_items: int = 100,
         temperature: float = 0.1,
         encoder: nn.Module | None = None,
+        per_image_intensity: bool = False,
     ) -> None:
         channels = level_channels(channels, encoder)
         if len(block_sizes) != len(channels):
@@ -94,7 +95,13 @@ class DAADNetwork(EncoderDecoder):
             BlockMemory(int(c), int(b), memory_items, temperature)
             for c, b in zip(channels, block_sizes, strict=True)
         ]
-        super().__init__(channels, skips=True, level_modules=memories, encoder=encoder)
+        super().__init__(
+            channels,
+            skips=True,
+            level_modules=memories,
+            encoder=encoder,
+            per_image_intensity=per_image_intensity,
+        )
         self.block_sizes = [int(b) for b in block_sizes]
 
     @property

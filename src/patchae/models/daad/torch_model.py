@@ -35,6 +35,7 @@ class DAADModel(ReconstructionModel):
 
     def error_terms(self, images: Tensor) -> Tensor:
         self.network.check_input(images)
+        images = self.network.standardize(images)
         reconstruction = self.network(images)
         _, real = self.discriminator(images)
         _, fake = self.discriminator(reconstruction)

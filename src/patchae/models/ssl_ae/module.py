@@ -47,6 +47,7 @@ class SSLAEModule(ReconstructionModule):
         weights: str | None = None,
         encoder_lr: float = 1e-4,
         lighting: Mapping[str, Any] | None = None,
+        per_image_intensity: bool = False,
         scoring: Mapping[str, Any] | None = None,
         threshold: Mapping[str, Any] | None = None,
         preprocessing: Mapping[str, Any] | None = None,
@@ -55,7 +56,9 @@ class SSLAEModule(ReconstructionModule):
         self.save_hyperparameters()
         self.corruption = Corruption(**(corruption or {}))
         self.lighting = LightingJitter(**(lighting or {}))
-        network = SSLAutoencoder(channels, skips, encoder=self.build_encoder())
+        network = SSLAutoencoder(
+            channels, skips, encoder=self.build_encoder(), per_image_intensity=per_image_intensity
+        )
         self.model = SSLAEModel(network, self.scoring)
         mean, std = self.preprocessing.mean, self.preprocessing.std
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -81,6 +84,8 @@ class SSLAEModule(ReconstructionModule):
         network.check_input(images)
         lit = self.vary_lighting(images, self.lighting, self.hparams.seed, self.global_step)
         inputs, targets = self.corrupt(lit, self.global_step)
+        # The target in the input's intensity frame: what error_terms compares at test time.
+        inputs, targets = network.standardize(inputs), network.standardize(targets, reference=inputs)
         loss = F.mse_loss(network(inputs), targets)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
         return loss

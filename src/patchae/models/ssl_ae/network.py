@@ -24,5 +24,6 @@ class SSLAutoencoder(EncoderDecoder):
         channels: Sequence[int] = (16, 32, 64, 128, 256),
         skips: bool = True,
         encoder: nn.Module | None = None,
+        per_image_intensity: bool = False,
     ) -> None:
-        super().__init__(channels, skips=skips, encoder=encoder)
+        super().__init__(channels, skips=skips, encoder=encoder, per_image_intensity=per_image_intensity)

@@ -14,7 +14,8 @@ TERM_NAMES = ("reconstruction",)
 
 
 class SSLAEModel(ReconstructionModel):
-    """One error term: the squared reconstruction error of the (uncorrupted) input, averaged over channels."""
+    """One error term: the squared reconstruction error of the (uncorrupted) input, averaged over channels (in
+    the image's own intensity frame with ``per_image_intensity``)."""
 
     def __init__(self, network: SSLAutoencoder, scoring: ScoringSettings) -> None:
         super().__init__(StatisticsScorer(TERM_NAMES, (1.0,), scoring))
@@ -22,4 +23,5 @@ class SSLAEModel(ReconstructionModel):
 
     def error_terms(self, images: Tensor) -> Tensor:
         self.network.check_input(images)
+        images = self.network.standardize(images)
         return squared_error_map(images, self.network(images)).unsqueeze(1)
