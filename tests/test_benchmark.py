@@ -141,6 +141,28 @@ def test_without_hydra_overrides_metadata_tells_runs_apart(tmp_path):
     assert sorted(method_names(find_runs([tmp_path]))) == ["Patch AE (layers=1+2)", "Patch AE (layers=2+3)"]
 
 
+def test_settings_that_only_tell_models_apart_name_no_method(tmp_path):
+    # SSL-AE from the benchmark (overrides) beside DRAEM's results.json (none, other metadata): each model is its
+    # name, and DRAEM's variant (its time budget) is kept.
+    fake_run(
+        tmp_path / "ssl",
+        ["model=ssl_ae", "experiment=ssl_ae_cpu"],
+        model="SSLAEModule",
+        experiment="ssl_ae_cpu",
+    )
+    fake_run(
+        tmp_path / "draem", None, model="DRAEM (anomalib 2.7)", variant="3 min", layers=None, experiment=None
+    )
+    fake_run(tmp_path / "p1", ["loss.alpha=0.5"], alpha=0.5)
+    fake_run(tmp_path / "p2", ["loss.alpha=1.0"], alpha=1.0)
+    assert sorted(method_names(find_runs([tmp_path]))) == [
+        "DRAEM (anomalib 2.7) (3 min)",
+        "Patch AE (alpha=0.5)",
+        "Patch AE (alpha=1.0)",
+        "SSL-AE",
+    ]
+
+
 def test_repeated_runs_are_averaged(tmp_path):
     fake_run(tmp_path / "a", ["category=bottle"], image_auroc=0.9)
     fake_run(tmp_path / "b", ["category=bottle"], image_auroc=0.8)

@@ -188,17 +188,22 @@ def method_names(runs: Sequence[Run]) -> list[str]:
         ]
     keys = sorted({key for setting in settings for key in setting} - set(NOT_A_VARIANT))
 
-    def varies_within_a_category(key: str) -> bool:  # data.root set per category names no method
-        values: dict[str, set[str | None]] = {}
-        for run, setting in zip(runs, settings, strict=True):
-            values.setdefault(run.category, set()).add(setting.get(key))
-        return any(len(category_values) > 1 for category_values in values.values())
-
-    keys = [k for k in keys if not k.startswith("hydra") and varies_within_a_category(k)]
+    # A setting names a method only where one model's runs of one category differ in it: data.root set per
+    # category names none, nor does what only tells models apart (their names do that), e.g. a setting another
+    # model (DRAEM's results.json) does not have.
+    values: dict[tuple[str, str], dict[str, set[str | None]]] = {}
+    for run, setting in zip(runs, settings, strict=True):
+        group = values.setdefault((run.category, run.model), {})
+        for key in keys:
+            group.setdefault(key, set()).add(setting.get(key))
+    varying: dict[str, set[str]] = {}  # per model, over all categories: a method keeps its name in each
+    for (_, model), group in values.items():
+        differing = {key for key, seen in group.items() if len(seen) > 1 and not key.startswith("hydra")}
+        varying.setdefault(model, set()).update(differing)
     names = []
     for run, setting in zip(runs, settings, strict=True):
         parts = [run.variant] if run.variant else []
-        parts += [f"{key}={setting[key]}" for key in keys if key in setting]
+        parts += [f"{key}={setting[key]}" for key in keys if key in setting and key in varying[run.model]]
         names.append(f"{run.model} ({', '.join(parts)})" if parts else run.model)
     return names
 
