@@ -103,4 +103,6 @@ def test_draem_one_epoch_on_a_tiny_category(tmp_path):
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert 0.0 <= written[key] <= 1.0, key
     assert written["fit_seconds"] > 0 and not list((tmp_path / "out").rglob("*.ckpt"))
+    predictions = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
+    assert predictions[0] == "path,label,score" and len(predictions) == 1 + 7
     assert "image AUROC" in summary(results) and math.isfinite(results["image_auroc"])

@@ -218,6 +218,7 @@ def run(cfg: DraemConfig) -> dict[str, Any]:
         raise PatchAEError(ANOMALIB_HINT) from None
 
     from patchae.benchmarks.inference import peak_resident_mb
+    from patchae.callbacks import write_csv
     from patchae.data.samples import load_sample_mask
     from patchae.data.transforms import ImageTransform
     from patchae.metrics import AnomalyMetrics
@@ -312,6 +313,14 @@ def run(cfg: DraemConfig) -> dict[str, Any]:
         "run_dir": str(out),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    # Every image's score, as train.py's predictions.csv: a table's figure can be checked image by image.
+    write_csv(
+        out / "predictions.csv",
+        [
+            {"path": str(sample.path), "label": int(sample.label), "score": float(score)}
+            for sample, score in zip(test_samples, scores.tolist(), strict=True)
+        ],
+    )
     return results
 
 
