@@ -43,6 +43,6 @@ def run_command(
         print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
         sys.exit(1)
     print(format_results(results))
-    if cfg.output:
+    if cfg.get("output"):  # configs without the key write their own files
         Path(cfg.output).write_text(json.dumps(results, indent=2))
     return results

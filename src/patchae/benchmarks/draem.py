@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,9 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
+from patchae.benchmarks.cli import run_command
 from patchae.errors import PatchAEError
 
 log = logging.getLogger(__name__)
@@ -339,27 +338,7 @@ def summary(results: dict[str, Any]) -> str:
 
 # -- command line ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = sys.argv[1:] if argv is None else argv
-    if any(arg in ("-h", "--help") for arg in args):
-        print(__doc__)
-        print(OmegaConf.to_yaml(OmegaConf.structured(DraemConfig)))
-        sys.exit(0)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    try:
-        try:
-            cfg = OmegaConf.to_object(
-                OmegaConf.merge(OmegaConf.structured(DraemConfig), OmegaConf.from_dotlist(args))
-            )
-        except Exception as error:  # omegaconf's errors for unknown keys and wrong types
-            raise PatchAEError(
-                f"bad argument ({str(error).splitlines()[0]}); see python -m patchae.benchmarks.draem --help"
-            ) from None
-        results = run(cfg)
-    except PatchAEError as error:
-        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
-        sys.exit(1)
-    print(summary(results))
-    return results
+    return run_command("patchae.benchmarks.draem", __doc__, DraemConfig, run, summary, argv)
 
 
 if __name__ == "__main__":
