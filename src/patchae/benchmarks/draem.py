@@ -83,9 +83,8 @@ def texture(kind: str, size: int, generator: torch.Generator) -> torch.Tensor:
     def uniform(low: float, high: float) -> float:
         return low + (high - low) * float(torch.rand((), generator=generator))
 
-    if (
-        kind == "perlin"
-    ):  # two colours mixed by Perlin noise (SSL-AE's fill), a finer octave of a third on top
+    if kind == "perlin":
+        # two colours mixed by Perlin noise (SSL-AE's fill), a finer octave of a third on top
         base = Corruption(fills=("texture",)).fill(torch.zeros(3, size, size), generator)
         cells = 2 ** int(torch.randint(4, 7, (), generator=generator))
         detail = (perlin_noise(size, size, (cells, cells), generator) + 0.7).clamp(0, 1.4) / 1.4
@@ -226,9 +225,8 @@ def run(cfg: DraemConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     textures = texture_source(cfg, out)
 
-    L.seed_everything(
-        cfg.seed, workers=True
-    )  # before the model: its augmenter draws some settings when built
+    # Seeded before the model is built: its augmenter draws some settings then.
+    L.seed_everything(cfg.seed, workers=True)
     model = Draem(
         dtd_dir=textures["path"],  # an existing folder: never downloaded
         pre_processor=Draem.configure_pre_processor((cfg.image_size, cfg.image_size)),
