@@ -45,6 +45,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     # Check the data before building the model: a wrong path should not wait for a weights download.
     datamodule.prepare_data()
     datamodule.setup("fit")
+    record_geometry(cfg, datamodule)
     model = instantiate(cfg.model, _convert_="all")
     callbacks = [instantiate(node, _convert_="all") for node in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(node, _convert_="all") for node in (cfg.get("logger") or {}).values()]
@@ -56,6 +57,19 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         cfg.trainer, callbacks=callbacks, logger=loggers or False, **limits, _convert_="all"
     )
     return datamodule, model, trainer
+
+
+def record_geometry(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
+    """With ``data.resize_mode=auto`` the data module chose the input shape from the training images: write
+    it into ``cfg.data`` so that the model's ``preprocessing`` (saved in model.ckpt), the logged
+    hyperparameters and predict / export all use the shape that was trained."""
+    if cfg.data.get("resize_mode") != "auto":
+        return
+    transform = datamodule.transform
+    cfg.data.resize_mode = transform.resize_mode
+    if transform.resize_mode != "squash":  # squash keeps the configured sizes as they are
+        cfg.data.image_size = list(transform.resize_shape)
+        cfg.data.crop_size = None if transform.crop_shape is None else list(transform.crop_shape)
 
 
 def validates(cfg: DictConfig, model: L.LightningModule, datamodule: L.LightningDataModule) -> bool:

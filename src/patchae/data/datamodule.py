@@ -20,6 +20,7 @@ from patchae.data.datasets import dataset_spec
 from patchae.data.datasets.folder import folder_samples
 from patchae.data.datasets.mvtec import MVTEC_CATEGORIES, mvtec_samples
 from patchae.data.download import download_dataset, download_mvtec
+from patchae.data.geometry import choose_geometry, image_sizes
 from patchae.data.images import load_rgb
 from patchae.data.perlin import PerlinBlend
 from patchae.data.samples import Sample, check_split, load_sample_mask
@@ -255,6 +256,7 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         val_bank_images: int = 40,
         resize_mode: str = "squash",
         tiling: dict | None = None,
+        size_multiple: int = 16,
     ) -> None:
         super().__init__()
         if isinstance(holdout_ratio, bool) or not 0.0 <= float(holdout_ratio) < 1.0:
@@ -271,10 +273,15 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
                 raise PatchAEError(f"data.{name} must be an integer >= {minimum}, got {value!r}")
         self.root = Path(root).expanduser()
         self.category = str(category)
-        self.transform = ImageTransform(image_size, crop_size, mean, std, resize_mode)
         self.tiling = Tiling.from_config(tiling)
-        if self.tiling is not None:
-            self.tiling.check_fits(*self.transform.output_shape)
+        self._geometry = {"image_size": image_size, "crop_size": crop_size, "mean": mean, "std": std}
+        self.size_multiple = size_multiple
+        self._transform: ImageTransform | None = None
+        if resize_mode == "auto":  # chosen from the training images when first needed (see :attr:`transform`)
+            ImageTransform(image_size, crop_size, mean, std)  # bad values fail now, before the images are read
+            choose_geometry([(1, 1)], image_size, crop_size, size_multiple)
+        else:
+            self._set_transform(ImageTransform(image_size, crop_size, mean, std, resize_mode))
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
@@ -357,6 +364,27 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
     # ---- properties ----------------------------------------------------------------------------------
 
     @property
+    def transform(self) -> ImageTransform:
+        """The geometry and normalisation of every item. With ``resize_mode=auto`` it is chosen from the
+        training images' sizes on first use (:func:`~patchae.data.geometry.choose_geometry`) and logged."""
+        if self._transform is None:
+            sizes = image_sizes([sample.path for sample in self.train_samples + self.holdout_samples])
+            geometry = choose_geometry(
+                sizes, self._geometry["image_size"], self._geometry["crop_size"], self.size_multiple
+            )
+            logger.info("data.resize_mode=auto chose %s: %s", geometry.resize_mode, geometry.reason)
+            self._set_transform(
+                ImageTransform(
+                    geometry.image_size,
+                    geometry.crop_size,
+                    self._geometry["mean"],
+                    self._geometry["std"],
+                    geometry.resize_mode,
+                )
+            )
+        return self._transform
+
+    @property
     def name(self) -> str:
         return self.category
 
@@ -401,6 +429,11 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
             self._samples[split] = samples
         return self._samples[split]
 
+    def _set_transform(self, transform: ImageTransform) -> None:
+        if self.tiling is not None:
+            self.tiling.check_fits(*transform.output_shape)
+        self._transform = transform
+
     def _dataset(self, split: str, augment: CutPaste | None) -> AnomalyImageDataset:
         return AnomalyImageDataset(self._split_samples(split), self.transform, augment, self.seed)
 
@@ -417,7 +450,8 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         return "add test images"
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(root={str(self.root)!r}, category={self.category!r}, {self.transform})"
+        geometry = self._transform or "resize_mode=auto"  # not chosen yet: reading images here would surprise
+        return f"{type(self).__name__}(root={str(self.root)!r}, category={self.category!r}, {geometry})"
 
     __str__ = __repr__  # Lightning's __str__ builds every dataloader just to print their sizes
 
