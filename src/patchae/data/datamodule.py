@@ -278,7 +278,9 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         self.size_multiple = size_multiple
         self._transform: ImageTransform | None = None
         if resize_mode == "auto":  # chosen from the training images when first needed (see :attr:`transform`)
-            ImageTransform(image_size, crop_size, mean, std)  # bad values fail now, before the images are read
+            ImageTransform(
+                image_size, crop_size, mean, std
+            )  # bad values fail now, before the images are read
             choose_geometry([(1, 1)], image_size, crop_size, size_multiple)
         else:
             self._set_transform(ImageTransform(image_size, crop_size, mean, std, resize_mode))

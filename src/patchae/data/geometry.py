@@ -77,11 +77,17 @@ def choose_geometry(
     )
     if height != width:  # the user gave the shape: keep it, and each part's proportions inside it
         return Geometry(
-            (height, width), None, "keep_aspect", f"data.image_size={[height, width]} kept, parts padded{spread}"
+            (height, width),
+            None,
+            "keep_aspect",
+            f"data.image_size={[height, width]} kept, parts padded{spread}",
         )
     if not mixed and max(aspect, 1 / aspect) <= SQUARE_TOLERANCE:
         return Geometry(
-            image_size, crop_size, "squash", f"square images: {height} px, crop {crop_size} (the paper's protocol)"
+            image_size,
+            crop_size,
+            "squash",
+            f"square images: {height} px, crop {crop_size} (the paper's protocol)",
         )
     crop = image_shape(crop_size, "data.crop_size")[0] if crop_size is not None else height
     ratio = max(aspect, 1 / aspect)
