@@ -13,6 +13,7 @@ from patchae.benchmarks.coreset import BenchmarkConfig, format_results, main, ru
 from patchae.callbacks import MemoryBankCallback
 from patchae.errors import PatchAEError
 from patchae.memory import greedy_coreset
+from patchae.memory.coreset import choose_method
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -66,8 +67,8 @@ class TestPartitioned:
 
     def test_unknown_method_is_a_user_error(self) -> None:
         message = (
-            "bank.coreset_method must be one of greedy, partitioned, got 'fast'; "
-            "use greedy (exact) or partitioned (fast on millions of vectors)"
+            "bank.coreset_method must be one of auto, greedy, partitioned, got 'fast'; "
+            "use auto (the default), greedy (exact) or partitioned (fast on millions of vectors)"
         )
         with pytest.raises(PatchAEError) as error:
             greedy_coreset(torch.randn(10, 4), ratio=0.5, method="fast")
@@ -88,6 +89,49 @@ class TestPartitioned:
             cfg = compose("train", overrides=overrides)
         callback = instantiate(cfg.callbacks.memory_bank)
         assert (callback.coreset_method, callback.coreset_part_size) == ("partitioned", 4096)
+
+
+class TestAuto:
+    """bank.coreset_method=auto: exact greedy where its pruning makes it cheap, partitioned where it does not."""
+
+    def test_picks_partitioned_where_pruning_fails(self) -> None:
+        fine_noise = torch.randn(
+            40_000, 128, generator=torch.Generator().manual_seed(0)
+        )  # no structure to prune
+        method, why = choose_method(fine_noise, 4000, greedy_seconds=1.0)
+        assert method == "partitioned" and "over bank.coreset_greedy_seconds=1" in why
+        assert float(why.split("measure ~")[1].split(" %")[0]) > 50  # it measured most rows every step
+
+    def test_picks_exact_greedy_where_pruning_works(self) -> None:
+        generator = torch.Generator().manual_seed(0)
+        surface = torch.randn(40_000, 3, generator=generator) @ torch.randn(3, 128, generator=generator)
+        method, why = choose_method(
+            surface, 4000, greedy_seconds=20.0
+        )  # a 3-d family: pruning skips most rows
+        assert method == "greedy" and float(why.split("measure ~")[1].split(" %")[0]) < 10
+
+    def test_small_banks_take_exact_greedy(self) -> None:
+        assert choose_method(torch.randn(5000, 16), 500)[0] == "greedy"
+
+    def test_auto_selects_the_chosen_methods_rows(self, caplog: pytest.LogCaptureFixture) -> None:
+        features = torch.randn(40_000, 64, generator=torch.Generator().manual_seed(1))
+        with caplog.at_level("INFO", logger="patchae.memory.coreset"):
+            auto = greedy_coreset(features, ratio=0.01, seed=2, method="auto", greedy_seconds=0.0)
+        assert torch.equal(auto, partitioned(features, ratio=0.01, seed=2))
+        assert "coreset: partitioned (bank.coreset_method=auto)" in caplog.text
+
+    @pytest.mark.parametrize("seconds", [-1, "soon"])
+    def test_bad_budget_is_one_line(self, seconds: object) -> None:
+        with pytest.raises(
+            PatchAEError, match="^bank.coreset_greedy_seconds must be a number of seconds >= 0"
+        ):
+            MemoryBankCallback(coreset_greedy_seconds=seconds)  # type: ignore[arg-type]
+
+    def test_auto_is_the_default(self) -> None:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("train")
+        callback = instantiate(cfg.callbacks.memory_bank)
+        assert (callback.coreset_method, callback.coreset_greedy_seconds) == ("auto", 20.0)
 
 
 class TestCoresetBenchmark:

@@ -32,7 +32,7 @@ from patchae.data.transforms import ImageTransform
 from patchae.distributed import all_gather_objects, broadcast_buffers, first_of_each
 from patchae.errors import PatchAEError
 from patchae.memory import greedy_coreset
-from patchae.memory.coreset import DEFAULT_PART_SIZE, check_coreset_method
+from patchae.memory.coreset import DEFAULT_GREEDY_SECONDS, DEFAULT_PART_SIZE, check_coreset_method
 from patchae.visualize import denormalize, save_overlay
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,9 @@ class MemoryBankCallback(L.Callback):
         coreset_ratio: float = 0.1,
         projection_dim: int | None = 128,
         seed: int = 0,
-        coreset_method: str = "greedy",
+        coreset_method: str = "auto",
         coreset_part_size: int = DEFAULT_PART_SIZE,
+        coreset_greedy_seconds: float = DEFAULT_GREEDY_SECONDS,
     ) -> None:
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
@@ -74,6 +75,15 @@ class MemoryBankCallback(L.Callback):
         check_coreset_method(coreset_method, coreset_part_size)  # a bad key fails before training, not after
         self.coreset_method = coreset_method
         self.coreset_part_size = coreset_part_size
+        if (
+            isinstance(coreset_greedy_seconds, bool)
+            or not isinstance(coreset_greedy_seconds, (int, float))
+            or not (coreset_greedy_seconds >= 0)
+        ):
+            raise PatchAEError(
+                f"bank.coreset_greedy_seconds must be a number of seconds >= 0, got {coreset_greedy_seconds!r}"
+            )
+        self.coreset_greedy_seconds = float(coreset_greedy_seconds)
         self.device = torch.device("cpu")  # the model's, while it is fitted
         self.progress: Progress | None = None
 
@@ -99,6 +109,7 @@ class MemoryBankCallback(L.Callback):
             progress=report,
             method=self.coreset_method,
             part_size=self.coreset_part_size,
+            greedy_seconds=self.coreset_greedy_seconds,
         )
         log.info("memory bank: %d of %d patch vectors (dim %d)", len(indices), len(vectors), vectors.shape[1])
         return indices.cpu()

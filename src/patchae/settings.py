@@ -82,8 +82,9 @@ class BankSettings:
 
     coreset_ratio: float = 0.1
     projection_dim: int | None = 128
-    coreset_method: str = "greedy"
+    coreset_method: str = "auto"
     coreset_part_size: int = 8192
+    coreset_greedy_seconds: float = 20.0
     num_neighbors: int = 1  # patch score = mean distance to its k nearest bank vectors
     search: str = "faiss"  # faiss | torch (exact blocked matmul search, the one export traces)
     faiss_device: str = "auto"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import time
 from collections.abc import Callable
 
 import faiss
@@ -10,6 +13,8 @@ import torch
 from torch import Tensor
 
 from patchae.errors import PatchAEError
+
+log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -51,7 +56,12 @@ def _project(features: Tensor, projection_dim: int | None, seed: int) -> Tensor:
     return projected
 
 
-CORESET_METHODS = ("greedy", "partitioned")
+CORESET_METHODS = ("auto", "greedy", "partitioned")
+
+# method="auto" picks exact greedy when its predicted time is at most this many seconds, else partitioned.
+DEFAULT_GREEDY_SECONDS = 20.0
+# Rows of the two random samples on which auto runs exact greedy to see how much it prunes.
+_SAMPLE_ROWS = (4096, 16384)
 
 # From this many rows on, exact greedy on a CPU skips the rows a new center cannot be nearer to (see
 # _pruned_greedy); below it, its per-step bookkeeping costs more than updating every row.
@@ -72,6 +82,7 @@ def greedy_coreset(
     progress: ProgressCallback | None = None,
     method: str = "greedy",
     part_size: int = DEFAULT_PART_SIZE,
+    greedy_seconds: float = DEFAULT_GREEDY_SECONDS,
 ) -> Tensor:
     """Select a subset of rows that covers ``features`` well (greedy farthest-point / k-center).
 
@@ -90,6 +101,8 @@ def greedy_coreset(
     covering radius stays close to exact greedy's, because a row's nearest center is nearly always in its
     own cell. Random cells instead (tried) cover like a random subset: each would hold only size / cells
     centers for the same volume. A bank of fewer than 1.5 x ``part_size`` rows is one cell: exact greedy.
+    ``method="auto"`` predicts exact greedy's time (:func:`choose_method`) and runs it when that is at most
+    ``greedy_seconds``, else the partitioned method; it logs which and why.
 
     Args:
         features: (N, D) patch features.
@@ -98,8 +111,9 @@ def greedy_coreset(
         projection_dim: random Gaussian projection size used for the distances (None = none).
         seed: seeds the projection, the first center (of each cell) and the k-means.
         progress: called as ``progress(done, total)`` about every 1% of the selection.
-        method: "greedy" (exact, over all rows) or "partitioned" (inside k-means cells).
+        method: "greedy" (exact, over all rows), "partitioned" (inside k-means cells) or "auto".
         part_size: mean rows per cell of the partitioned method.
+        greedy_seconds: auto: the longest predicted exact-greedy time that is still run.
 
     Returns:
         CPU int64 indices (size,), in selection order (greedy: every prefix is itself a greedy coreset).
@@ -117,6 +131,9 @@ def greedy_coreset(
         return torch.arange(num, dtype=torch.long)
 
     points = _project(features, projection_dim, seed)
+    if method == "auto":
+        method, reason = choose_method(points, target, seed, part_size, greedy_seconds)
+        log.info("coreset: %s (bank.coreset_method=auto): %s", method, reason)
     generator = torch.Generator().manual_seed(seed)
     counter = _ProgressCounter(target, progress)
     num_cells = 1 if method == "greedy" else min(target, round(num / part_size))
@@ -124,6 +141,71 @@ def greedy_coreset(
         return _greedy_select(points, target, generator, counter).cpu()
     cells = [_Cell(points[rows], rows, generator) for rows in _kmeans_cells(points, num_cells, seed)]
     return _select_across_cells(cells, target, counter).cpu()
+
+
+def choose_method(
+    points: Tensor,
+    target: int,
+    seed: int = 0,
+    part_size: int = DEFAULT_PART_SIZE,
+    greedy_seconds: float = DEFAULT_GREEDY_SECONDS,
+) -> tuple[str, str]:
+    """``("greedy" | "partitioned", why)`` for selecting ``target`` of ``points`` (projected, float32).
+
+    Exact greedy's cost on a CPU is the rows it must measure per step (how much the triangle inequality
+    prunes) times its steps. Pruning depends on the data: smooth surfaces whose patches lie near a few
+    directions prune ~99 %, fine uniform textures almost nothing. So exact greedy runs on two random
+    samples (4k and 16k rows, the same coreset ratio, i.e. the same rows per center); the growth of rows per
+    step between them, as a power of the sample size, extrapolates it to all N rows, and the two timings
+    give the seconds per step and per measured row. On a GPU exact greedy updates every row in a few kernels
+    per step: it is always chosen there.
+    """
+    num = points.shape[0]
+    if points.device.type != "cpu":
+        return "greedy", "on the GPU exact greedy updates all rows in a few kernels per step"
+    if num < max(1.5 * part_size, 2 * _SAMPLE_ROWS[-1]):
+        return "greedy", f"{num} vectors are few: exact greedy takes seconds"
+    ratio = target / num
+    generator = torch.Generator().manual_seed(seed)
+    samples = []  # (rows, steps, rows measured, seconds)
+    for size in _SAMPLE_ROWS:
+        sample = points[torch.randperm(num, generator=generator)[:size]]
+        sample -= sample.mean(dim=0)
+        steps = max(2, round(ratio * size))
+        counter = _ProgressCounter(steps, None)
+        start = time.perf_counter()
+        _pruned_greedy(sample.numpy(), steps, 0, counter)
+        samples.append((size, steps, counter.measured, time.perf_counter() - start))
+        if counter.measured > 0.5 * steps * size:  # no pruning to speak of even on the small sample
+            break
+    (size_a, steps_a, measured_a, seconds_a), (size_b, steps_b, measured_b, seconds_b) = (
+        samples if len(samples) == 2 else samples * 2
+    )
+    per_step_a, per_step_b = measured_a / steps_a, measured_b / steps_b
+    growth = 1.0 if size_a == size_b else math.log(per_step_b / per_step_a) / math.log(size_b / size_a)
+    growth = min(1.0, max(0.0, growth))
+    per_step = min(float(num), per_step_b * (num / size_b) ** growth)
+    # seconds = steps x overhead + rows measured / rate, from the two samples (one sample: no overhead term)
+    row_seconds = seconds_b / measured_b
+    step_seconds = 0.0
+    if len(samples) == 2:
+        determinant = steps_a * measured_b - steps_b * measured_a
+        if determinant != 0:
+            step_seconds = (seconds_a * measured_b - seconds_b * measured_a) / determinant
+            row_seconds = (steps_a * seconds_b - steps_b * seconds_a) / determinant
+        if step_seconds < 0 or row_seconds <= 0:  # noisy timings: all cost per row (an upper bound)
+            step_seconds, row_seconds = 0.0, max(seconds_a / measured_a, seconds_b / measured_b)
+    predicted = target * (step_seconds + per_step * row_seconds)
+    sampled = (
+        f"{size_a} and {size_b} vectors" if size_a != size_b else f"{size_a} vectors, which it barely pruned"
+    )
+    why = (
+        f"exact greedy would measure ~{100 * per_step / num:.1f} % of the {num} vectors per step "
+        f"(predicted {predicted:.0f} s from samples of {sampled})"
+    )
+    if predicted <= greedy_seconds:
+        return "greedy", f"{why}, within bank.coreset_greedy_seconds={greedy_seconds:g}"
+    return "partitioned", f"{why}, over bank.coreset_greedy_seconds={greedy_seconds:g}"
 
 
 def _kmeans_cells(points: Tensor, num_cells: int, seed: int) -> list[Tensor]:
@@ -176,7 +258,7 @@ def check_coreset_method(method: str, part_size: int = DEFAULT_PART_SIZE) -> Non
     if method not in CORESET_METHODS:
         raise PatchAEError(
             f"bank.coreset_method must be one of {', '.join(CORESET_METHODS)}, got {method!r}; "
-            "use greedy (exact) or partitioned (fast on millions of vectors)"
+            "use auto (the default), greedy (exact) or partitioned (fast on millions of vectors)"
         )
     if isinstance(part_size, bool) or not isinstance(part_size, int) or part_size < 1:
         raise PatchAEError(f"bank.coreset_part_size must be a positive integer, got {part_size!r}")
@@ -197,6 +279,7 @@ class _ProgressCounter:
 
     def __init__(self, total: int, progress: ProgressCallback | None) -> None:
         self.total, self.progress, self.done = total, progress, 0
+        self.measured = 0  # rows whose distance exact greedy computed (what choose_method extrapolates)
         self.every = max(1, total // 100)
 
     def step(self) -> None:
@@ -281,6 +364,7 @@ def _pruned_greedy(points: np.ndarray, target: int, first: int, counter: _Progre
             gap = np.repeat(gaps[candidates], [len(g) for g in groups])
             rows = rows[4.0 * min_distance[rows] > gap]
         distance = squared_norms[rows] - 2.0 * _matvec(points[rows], center) + center_norm
+        counter.measured += len(rows)
         closer = distance < min_distance[rows]
         moved = rows[closer]
         min_distance[moved] = np.maximum(distance[closer], 0.0)
