@@ -55,9 +55,10 @@ bench-draem: install
 	$(PYTHON) -m pip install -q -e '.[bench]'
 	$(PYTHON) -m patchae.benchmarks.draem $(DRAEM_ARGS)
 
-# `make bench-coreset`: time and coverage of the coreset methods (exact greedy, partitioned) on 1M vectors: synthetic
-# by default; real ones with CORESET_ARGS="data_root=../shared/data/mvtec_ad category=bottle features=/tmp/bottle_8x.pt".
-CORESET_ARGS ?=
+# `make bench-coreset`: time, peak memory and coverage of the coreset methods (auto, partitioned, exact greedy) on the
+# banks that matter: bottle's real patch vectors (skipped without the data), generated uniform textures, 1M and 5M
+# synthetic vectors (about 40 min on 2 cores). One bank: CORESET_ARGS="sources=[texture]".
+CORESET_ARGS ?= sources=[category,texture,1000000,5000000] data_root=../shared/data/mvtec_ad transforms=1
 bench-coreset: install
 	$(PYTHON) -m patchae.benchmarks.coreset $(CORESET_ARGS)
 

@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from patchae.benchmarks.coreset import BenchmarkConfig, format_results, main, run_benchmark
+from patchae.benchmarks.coreset import BenchmarkConfig, format_results, main, run_benchmark, texture_images
 from patchae.callbacks import MemoryBankCallback
 from patchae.errors import PatchAEError
 from patchae.memory import greedy_coreset
@@ -137,16 +137,40 @@ class TestAuto:
 class TestCoresetBenchmark:
     def test_rows_time_and_coverage_against_exact(self) -> None:
         cfg = BenchmarkConfig(size=4000, dim=8, part_sizes=[500], threads=1)
-        results = run_benchmark(cfg)
-        assert (results["vectors"], results["coreset"], results["coverage_over"]) == (4000, 400, 4000)
-        fast, exact = results["rows"]
+        (bank,) = run_benchmark(cfg)["banks"]
+        assert (bank["vectors"], bank["coreset"], bank["coverage_over"]) == (4000, 400, 4000)
+        auto, fast, exact = bank["rows"]
         assert (fast["method"], fast["part_size"], exact["method"]) == ("partitioned", 500, "greedy")
-        assert exact["max_vs_exact"] == 1.0
+        assert exact["max_vs_exact"] == 1.0 and auto["max_vs_exact"] == 1.0  # 4000 vectors: auto is exact
+        assert auto["note"].startswith("picked greedy (bank.coreset_method=auto)")
         assert fast["max_vs_exact"] == pytest.approx(fast["coverage"]["max"] / exact["coverage"]["max"])
         assert 0 < exact["coverage"]["mean"] < exact["coverage"]["max"]
-        assert fast["seconds"] > 0 and exact["seconds"] > 0
-        table = format_results(results).splitlines()
-        assert table[2].startswith("partitioned (500)") and table[3].startswith("greedy ")
+        assert fast["seconds"] > 0 and exact["seconds"] > 0 and exact["forecast_seconds"] > 0
+        table = format_results(run_benchmark(cfg)).splitlines()
+        assert table[4].startswith("auto ") and table[5].startswith("partitioned (500)")
+        assert table[6].startswith("greedy ") and "greedy forecast" in table[6]
+
+    def test_greedy_over_its_limit_is_forecast_not_run(self) -> None:
+        cfg = BenchmarkConfig(
+            sources=["40000"], dim=64, methods=["greedy"], greedy_limit_seconds=0.0, threads=1
+        )
+        results = run_benchmark(cfg)
+        (row,) = results["banks"][0]["rows"]
+        assert "coverage" not in row and row["forecast_seconds"] > 0
+        assert "not run: over greedy_limit_seconds" in format_results(results)
+
+    def test_textures_are_uniform_surfaces(self) -> None:
+        images = texture_images(4, size=64)
+        assert images.shape == (4, 3, 64, 64) and 0 <= float(images.min()) and float(images.max()) <= 1
+        assert float(images.std(dim=(1, 2, 3)).max()) < 0.06  # low contrast: no patch stands out
+
+    def test_a_missing_category_is_skipped_and_said(self) -> None:
+        results = run_benchmark(BenchmarkConfig(sources=["category", "3000"], dim=8, threads=1))
+        assert results["banks"][0] == {
+            "source": "category",
+            "skipped": "category: no data_root or features given",
+        }
+        assert results["banks"][1]["vectors"] == 3000
 
     def test_missing_features_file_is_one_line(self, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         with pytest.raises(SystemExit):

@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -37,7 +38,7 @@ def coreset_size(num_features: int, ratio: float | None = None, size: int | None
     return min(num_features, size)
 
 
-def _project(features: Tensor, projection_dim: int | None, seed: int) -> Tensor:
+def project_features(features: Tensor, projection_dim: int | None, seed: int) -> Tensor:
     """A new float32 copy of the features, randomly projected to ``projection_dim`` when that is smaller than D.
 
     A Gaussian random projection approximately preserves pairwise distances (Johnson-Lindenstrauss),
@@ -130,7 +131,7 @@ def greedy_coreset(
             progress(num, num)
         return torch.arange(num, dtype=torch.long)
 
-    points = _project(features, projection_dim, seed)
+    points = project_features(features, projection_dim, seed)
     if method == "auto":
         method, reason = choose_method(points, target, seed, part_size, greedy_seconds)
         log.info("coreset: %s (bank.coreset_method=auto): %s", method, reason)
@@ -143,6 +144,58 @@ def greedy_coreset(
     return _select_across_cells(cells, target, counter).cpu()
 
 
+@dataclass(frozen=True)
+class GreedyForecast:
+    """Exact greedy's predicted CPU cost on a bank, from two samples (:func:`forecast_greedy`)."""
+
+    seconds: float
+    rows_per_step: float  # share of the bank's rows it measures per step, in [0, 1]
+    samples: tuple[int, ...]  # rows of the samples it ran on
+
+
+def forecast_greedy(points: Tensor, target: int, seed: int = 0) -> GreedyForecast:
+    """Predicted time of exact greedy selecting ``target`` of ``points`` (projected, float32) on a CPU.
+
+    Its cost is the rows it must measure per step (how much the triangle inequality prunes) times its steps.
+    Pruning depends on the data: smooth surfaces whose patches lie near a few directions prune ~99 %, fine
+    uniform textures almost nothing. So exact greedy runs on two random samples (4k and 16k rows, at the
+    same ratio, i.e. the same rows per center); the growth of rows per step between them, as a power of the
+    sample size, extrapolates it to all N rows, and the two timings give the seconds per step and per
+    measured row. A first sample that barely prunes ends it: the growth is then taken as linear.
+    """
+    num = points.shape[0]
+    ratio = target / num
+    generator = torch.Generator().manual_seed(seed)
+    samples = []  # (rows, steps, rows measured, seconds)
+    for size in _SAMPLE_ROWS:
+        size = min(size, num)
+        sample = points[torch.randperm(num, generator=generator)[:size]].cpu()
+        sample -= sample.mean(dim=0)
+        steps = max(2, round(ratio * size))
+        counter = _ProgressCounter(steps, None)
+        start = time.perf_counter()
+        _pruned_greedy(sample.numpy(), steps, 0, counter)
+        samples.append((size, steps, counter.measured, time.perf_counter() - start))
+        if counter.measured > 0.5 * steps * size:
+            break
+    (size_a, steps_a, measured_a, seconds_a), (size_b, steps_b, measured_b, seconds_b) = (
+        samples if len(samples) == 2 else samples * 2
+    )
+    per_step_a, per_step_b = measured_a / steps_a, measured_b / steps_b
+    growth = 1.0 if size_a == size_b else math.log(per_step_b / per_step_a) / math.log(size_b / size_a)
+    per_step = min(float(num), per_step_b * (num / size_b) ** min(1.0, max(0.0, growth)))
+    # seconds = steps x overhead + rows measured / rate, solved from the two samples
+    step_seconds, row_seconds = 0.0, seconds_b / measured_b
+    determinant = steps_a * measured_b - steps_b * measured_a
+    if len(samples) == 2 and determinant != 0:
+        step_seconds = (seconds_a * measured_b - seconds_b * measured_a) / determinant
+        row_seconds = (steps_a * seconds_b - steps_b * seconds_a) / determinant
+        if step_seconds < 0 or row_seconds <= 0:  # noisy timings: all cost per row (an upper bound)
+            step_seconds, row_seconds = 0.0, max(seconds_a / measured_a, seconds_b / measured_b)
+    seconds = target * (step_seconds + per_step * row_seconds)
+    return GreedyForecast(seconds, per_step / num, tuple(sample[0] for sample in samples))
+
+
 def choose_method(
     points: Tensor,
     target: int,
@@ -150,60 +203,21 @@ def choose_method(
     part_size: int = DEFAULT_PART_SIZE,
     greedy_seconds: float = DEFAULT_GREEDY_SECONDS,
 ) -> tuple[str, str]:
-    """``("greedy" | "partitioned", why)`` for selecting ``target`` of ``points`` (projected, float32).
-
-    Exact greedy's cost on a CPU is the rows it must measure per step (how much the triangle inequality
-    prunes) times its steps. Pruning depends on the data: smooth surfaces whose patches lie near a few
-    directions prune ~99 %, fine uniform textures almost nothing. So exact greedy runs on two random
-    samples (4k and 16k rows, the same coreset ratio, i.e. the same rows per center); the growth of rows per
-    step between them, as a power of the sample size, extrapolates it to all N rows, and the two timings
-    give the seconds per step and per measured row. On a GPU exact greedy updates every row in a few kernels
-    per step: it is always chosen there.
-    """
+    """``("greedy" | "partitioned", why)`` for selecting ``target`` of ``points`` (projected, float32):
+    exact greedy where :func:`forecast_greedy` predicts at most ``greedy_seconds``. On a GPU exact greedy
+    updates every row in a few kernels per step: it is always chosen there."""
     num = points.shape[0]
     if points.device.type != "cpu":
         return "greedy", "on the GPU exact greedy updates all rows in a few kernels per step"
     if num < max(1.5 * part_size, 2 * _SAMPLE_ROWS[-1]):
         return "greedy", f"{num} vectors are few: exact greedy takes seconds"
-    ratio = target / num
-    generator = torch.Generator().manual_seed(seed)
-    samples = []  # (rows, steps, rows measured, seconds)
-    for size in _SAMPLE_ROWS:
-        sample = points[torch.randperm(num, generator=generator)[:size]]
-        sample -= sample.mean(dim=0)
-        steps = max(2, round(ratio * size))
-        counter = _ProgressCounter(steps, None)
-        start = time.perf_counter()
-        _pruned_greedy(sample.numpy(), steps, 0, counter)
-        samples.append((size, steps, counter.measured, time.perf_counter() - start))
-        if counter.measured > 0.5 * steps * size:  # no pruning to speak of even on the small sample
-            break
-    (size_a, steps_a, measured_a, seconds_a), (size_b, steps_b, measured_b, seconds_b) = (
-        samples if len(samples) == 2 else samples * 2
-    )
-    per_step_a, per_step_b = measured_a / steps_a, measured_b / steps_b
-    growth = 1.0 if size_a == size_b else math.log(per_step_b / per_step_a) / math.log(size_b / size_a)
-    growth = min(1.0, max(0.0, growth))
-    per_step = min(float(num), per_step_b * (num / size_b) ** growth)
-    # seconds = steps x overhead + rows measured / rate, from the two samples (one sample: no overhead term)
-    row_seconds = seconds_b / measured_b
-    step_seconds = 0.0
-    if len(samples) == 2:
-        determinant = steps_a * measured_b - steps_b * measured_a
-        if determinant != 0:
-            step_seconds = (seconds_a * measured_b - seconds_b * measured_a) / determinant
-            row_seconds = (steps_a * seconds_b - steps_b * seconds_a) / determinant
-        if step_seconds < 0 or row_seconds <= 0:  # noisy timings: all cost per row (an upper bound)
-            step_seconds, row_seconds = 0.0, max(seconds_a / measured_a, seconds_b / measured_b)
-    predicted = target * (step_seconds + per_step * row_seconds)
-    sampled = (
-        f"{size_a} and {size_b} vectors" if size_a != size_b else f"{size_a} vectors, which it barely pruned"
-    )
+    forecast = forecast_greedy(points, target, seed)
+    sampled = " and ".join(str(size) for size in forecast.samples)
     why = (
-        f"exact greedy would measure ~{100 * per_step / num:.1f} % of the {num} vectors per step "
-        f"(predicted {predicted:.0f} s from samples of {sampled})"
+        f"exact greedy would measure ~{100 * forecast.rows_per_step:.1f} % of the {num} vectors per step "
+        f"(predicted {forecast.seconds:.0f} s from samples of {sampled} vectors)"
     )
-    if predicted <= greedy_seconds:
+    if forecast.seconds <= greedy_seconds:
         return "greedy", f"{why}, within bank.coreset_greedy_seconds={greedy_seconds:g}"
     return "partitioned", f"{why}, over bank.coreset_greedy_seconds={greedy_seconds:g}"
 
