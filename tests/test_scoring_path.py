@@ -20,7 +20,7 @@ from torchvision.transforms.v2.functional import gaussian_blur
 from checkpoint_fixture import save_checkpoint
 from patchae.deploy.export import export_model
 from patchae.deploy.loading import load_model
-from patchae.models import DAADModule, PatchAEModule, PatchCoreModule, SSLAEModule
+from patchae.models import DAADModule, PatchAEModule, PatchCoreModule, SSLAEModule, torch_model
 from patchae.thresholds import Thresholds
 
 LEGACY = Path(__file__).parent / "data" / "legacy_checkpoints.json"
@@ -111,6 +111,23 @@ def test_maps_and_scores_equal_the_independent_reference(fitted):
     scale = float(expected_maps.abs().max())
     assert (maps.double() - expected_maps).abs().max() <= 1e-4 * max(1.0, scale)
     assert (scores.double() - expected_scores).abs().max() <= 1e-4 * max(1.0, scale)
+
+
+@torch.no_grad()
+def test_cpu_batches_are_scored_a_few_images_at_a_time_with_the_same_results(fitted, monkeypatch):
+    name, model, normal, _ = fitted
+    images = torch.randn(9, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    sizes = []
+    inner = model.model.scorer.forward
+    monkeypatch.setattr(
+        model.model.scorer, "forward", lambda *a, **k: sizes.append(len(a[0])) or inner(*a, **k)
+    )
+    maps, scores = model(images)
+    assert sizes == [4, 4, 1]  # torch_model.CPU_MICRO_BATCH: no large activations to page-fault in
+    monkeypatch.setattr(torch_model, "CPU_MICRO_BATCH", 64)
+    whole_maps, whole_scores = model(images)
+    assert sizes[3:] == [9]
+    assert torch.allclose(maps, whole_maps, atol=1e-5) and torch.allclose(scores, whole_scores, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["patch_ae", "patchcore"])
