@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-inference bench-coreset bench-speed bench-draem clean
+.PHONY: install demo test lint bench bench-inference bench-coreset bench-speed bench-draem bench-serve clean
 
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -20,8 +20,8 @@ test: install
 
 # `make lint`: ruff (style and errors), then the package's layer contracts (import-linter, pyproject.toml).
 lint: install
-	$(PYTHON) -m ruff check src tests train.py predict.py export.py
-	$(PYTHON) -m ruff format --check src tests train.py predict.py export.py
+	$(PYTHON) -m ruff check src tests train.py predict.py export.py serve.py
+	$(PYTHON) -m ruff format --check src tests train.py predict.py export.py serve.py
 	$(VENV)/bin/lint-imports
 
 # `make bench`: Patch AE, PatchCore, SSL-AE and DAAD (their CPU-sized experiments) on every MVTec AD category
@@ -61,6 +61,14 @@ bench-draem: install
 CORESET_ARGS ?= sources=[category,texture,1000000,5000000] data_root=../shared/data/mvtec_ad transforms=1
 bench-coreset: install
 	$(PYTHON) -m patchae.benchmarks.coreset $(CORESET_ARGS)
+
+# `make bench-serve`: serve.py under load: `requests` from `clients` concurrent clients on 127.0.0.1, for batching on / off
+# and runtime torch / onnx: images/s, p50/p95/p99 latency, errors, audit rows vs responses, and predict.py's images/s on the
+# same images (outputs/bench_serve/<time>/). ckpt= is required:
+#   make bench-serve SERVE_ARGS="ckpt=outputs/bottle/<time>/model.ckpt images=data/mvtec_ad/bottle/test clients=8"
+SERVE_ARGS ?=
+bench-serve: install
+	$(PYTHON) -m patchae.benchmarks.serve $(SERVE_ARGS)
 
 clean:
 	rm -rf outputs multirun data/synthetic .pytest_cache

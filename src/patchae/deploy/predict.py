@@ -205,7 +205,9 @@ class Predictor:
         """
         return self.transform.restore_map(anomaly_map, size)
 
-    def _predict_loaded(self, loaded: Sequence[LoadedImage]) -> list[Prediction]:
+    def predict_loaded(self, loaded: Sequence[LoadedImage]) -> list[Prediction]:
+        """Score images already read and prepared (:meth:`prepare`, :meth:`load`) as one batch: the one place
+        raw scores become decisions, normalised scores and maps at the original size (predict.py and serve.py)."""
         ready = [position for position, item in enumerate(loaded) if item.error is None]
         results = [Prediction(item.path, error=item.error) for item in loaded]
         if ready:
@@ -235,7 +237,7 @@ class Predictor:
         predictions: list[Prediction] = []
         for start in range(0, len(images), self.batch_size):
             chunk = range(start, min(start + self.batch_size, len(images)))
-            predictions += self._predict_loaded([self.prepare(as_rgb(images[i]), names[i]) for i in chunk])
+            predictions += self.predict_loaded([self.prepare(as_rgb(images[i]), names[i]) for i in chunk])
         return predictions
 
     def predict_paths(self, paths: Iterable[str | Path]) -> Iterator[Prediction]:
@@ -272,7 +274,7 @@ class Predictor:
                     if isinstance(item, BaseException):
                         raise item
                 if batch:
-                    yield from self._predict_loaded([future.result() for future in batch])
+                    yield from self.predict_loaded([future.result() for future in batch])
 
 
 # -- writing results --------------------------------------------------------------------------------------
