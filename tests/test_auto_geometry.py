@@ -47,6 +47,13 @@ def test_a_given_height_and_width_is_kept():
     assert (geometry.image_size, geometry.resize_mode) == ((128, 64), "keep_aspect")
 
 
+def test_an_unknown_resize_mode_is_one_line(tmp_path):
+    with pytest.raises(
+        PatchAEError, match=r"^data.resize_mode='fit' is unknown; use auto \(the default\), squash or"
+    ):
+        SyntheticDataModule(tmp_path, resize_mode="fit")
+
+
 def test_bad_size_multiple_is_one_line():
     with pytest.raises(PatchAEError, match=r"^data.size_multiple must be a positive integer, got 0$"):
         choose_geometry([(10, 10)], 64, None, size_multiple=0)

@@ -24,7 +24,7 @@ from patchae.data.geometry import choose_geometry, image_sizes
 from patchae.data.images import load_rgb
 from patchae.data.perlin import PerlinBlend
 from patchae.data.samples import Sample, check_split, load_sample_mask
-from patchae.data.transforms import ImageTransform
+from patchae.data.transforms import RESIZE_MODES, ImageTransform
 from patchae.errors import PatchAEError
 from patchae.settings import IMAGENET_MEAN, IMAGENET_STD
 from patchae.tiling import Tiling, random_tile
@@ -277,10 +277,13 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         self._geometry = {"image_size": image_size, "crop_size": crop_size, "mean": mean, "std": std}
         self.size_multiple = size_multiple
         self._transform: ImageTransform | None = None
+        if resize_mode not in ("auto", *RESIZE_MODES):
+            raise PatchAEError(
+                f"data.resize_mode={resize_mode!r} is unknown; use auto (the default), squash or keep_aspect"
+            )
         if resize_mode == "auto":  # chosen from the training images when first needed (see :attr:`transform`)
-            ImageTransform(
-                image_size, crop_size, mean, std
-            )  # bad values fail now, before the images are read
+            # Bad sizes or statistics fail now, before any image is read.
+            ImageTransform(image_size, crop_size, mean, std)
             choose_geometry([(1, 1)], image_size, crop_size, size_multiple)
         else:
             self._set_transform(ImageTransform(image_size, crop_size, mean, std, resize_mode))
