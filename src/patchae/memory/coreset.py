@@ -63,6 +63,10 @@ CORESET_METHODS = ("auto", "greedy", "partitioned")
 DEFAULT_GREEDY_SECONDS = 20.0
 # Rows of the two random samples on which auto runs exact greedy to see how much it prunes.
 _SAMPLE_ROWS = (4096, 16384)
+# The samples' rows fit in the CPU's cache, a whole bank's do not: measured per row, exact greedy on the whole
+# bank ran this many times slower than the samples predicted (2.2x on bottle's 147k vectors, 2.5x on 157k
+# generated-texture vectors, 2 AMD EPYC cores; docs/results.md "Coreset at scale").
+_WHOLE_BANK_SLOWDOWN = 2.5
 
 # From this many rows on, exact greedy on a CPU skips the rows a new center cannot be nearer to (see
 # _pruned_greedy); below it, its per-step bookkeeping costs more than updating every row.
@@ -193,6 +197,8 @@ def forecast_greedy(points: Tensor, target: int, seed: int = 0) -> GreedyForecas
         if step_seconds < 0 or row_seconds <= 0:  # noisy timings: all cost per row (an upper bound)
             step_seconds, row_seconds = 0.0, max(seconds_a / measured_a, seconds_b / measured_b)
     seconds = target * (step_seconds + per_step * row_seconds)
+    if num > size_b:
+        seconds *= _WHOLE_BANK_SLOWDOWN
     return GreedyForecast(seconds, per_step / num, tuple(sample[0] for sample in samples))
 
 
