@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-inference bench-coreset bench-speed bench-draem bench-serve clean
+.PHONY: install demo test lint bench bench-inference bench-coreset bench-speed bench-draem bench-serve bench-gpu clean
 
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -69,6 +69,12 @@ bench-coreset: install
 SERVE_ARGS ?=
 bench-serve: install
 	$(PYTHON) -m patchae.benchmarks.serve $(SERVE_ARGS)
+
+# `make bench-gpu`: the GPU figures in one prepared run (fit + test of PatchCore and Patch AE, coreset on the GPU at the
+# bank's size and 1M, model time at batch 1 and 32), each printed as it comes; without a GPU one line, exit 0.
+GPU_ARGS ?= root=../shared/data/mvtec_ad category=bottle
+bench-gpu: install
+	$(PYTHON) -m patchae.benchmarks.gpu $(GPU_ARGS)
 
 clean:
 	rm -rf outputs multirun data/synthetic .pytest_cache
