@@ -100,7 +100,7 @@ def choose_geometry(
     long_px, short_px = rounded(long_side), rounded(short_side)
     shape = (long_px, short_px) if aspect < 1 else (short_px, long_px)
     if max(aspect, 1 / aspect) <= SQUARE_TOLERANCE:  # mixed sizes around square: a square input, padded
-        shape = (crop, crop)
+        shape = (rounded(crop), rounded(crop))
     reason = (
         f"images {sizes[0][0]}x{sizes[0][1]} (height x width, width/height {aspect:.2f}): input {shape[0]}x{shape[1]}, "
         f"aspect kept, no crop{spread}"
