@@ -11,21 +11,16 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from conftest import REPO
+from patchae.benchmarks.serve import free_port, wait_for_health
+from patchae.errors import PatchAEError
 
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
 
 
 def port_open(port: int) -> bool:
@@ -66,16 +61,11 @@ class StationProcess:
             self.process = subprocess.Popen(
                 command, cwd=self.folder.parent, env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"serve.py exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        try:
+            if wait_for_health(self.process, self.url, timeout, poll_s=0.3):
+                return self
+        except PatchAEError as exited:
+            raise RuntimeError(f"{exited}:\n{self.log_tail()}") from None
         self.kill()
         raise RuntimeError(f"serve.py did not answer /health within {timeout} s:\n{self.log_tail()}")
 

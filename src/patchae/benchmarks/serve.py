@@ -79,6 +79,24 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_for_health(process: subprocess.Popen[bytes], url: str, timeout: float, poll_s: float = 0.5) -> bool:
+    """True once ``url``/health answers 200, False when ``timeout`` passes first; raises :class:`PatchAEError`
+    (with the exit status) when the station's process ends before it answers."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise PatchAEError(f"serve.py exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll_s)
+    return False
+
+
 class Station:
     """``python serve.py`` in a subprocess, for the length of one measurement."""
 
@@ -106,22 +124,15 @@ class Station:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float) -> None:
-        import httpx
-
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         env = {key: value for key, value in os.environ.items() if key != "PATCHAE_SERVE_TOKEN"}
         with self.log.open("wb") as log_file:
             self.process = subprocess.Popen(self.command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise PatchAEError(f"serve.py exited with {self.process.returncode}: {self.last_line()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        try:
+            if wait_for_health(self.process, self.url, timeout):
+                return
+        except PatchAEError as exited:
+            raise PatchAEError(f"{exited}: {self.last_line()}") from None
         self.stop()
         raise PatchAEError(f"serve.py did not start within timeout_s={timeout:g}; see {self.log}")
 
