@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import itertools
+import math
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ from torchmetrics.functional.classification import binary_auroc
 from checkpoint_fixture import train_tiny
 from patchae.deploy.export import export_model
 from patchae.deploy.loading import load_model
+from patchae.errors import PatchAEError
 from patchae.models import DAADModule, SSLAEModule
 
 # On top of checkpoint_fixture's tiny run (10 synthetic 64 px images, 2 held out): 8 epochs of batches of 2, so
@@ -110,3 +113,34 @@ def test_per_image_intensity_cancels_a_global_gain_and_offset_exactly(cls):
         with torch.no_grad():
             same = torch.allclose(terms(images), terms(relit), atol=1e-4)
         assert same == invariant
+
+
+@pytest.mark.parametrize("name", ["ssl_ae", "daad"])
+def test_cosine_schedule_brings_the_rate_to_zero_at_the_end_of_the_fit(name, tmp_path, monkeypatch):
+    """model.lr_schedule=cosine: the autoencoder's rate starts at model.lr, is halved half-way through the steps
+    and reaches 0 at the last one; the discriminator's (DAAD) stays where it is."""
+    seen: list[list[float]] = []
+    original = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append([group["lr"] for group in self.param_groups])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    run = train_tiny(tmp_path, f"model={name}", "model.lr_schedule=cosine", *TINY_RECONSTRUCTION)
+    lr = run.cfg.model.lr
+    autoencoder = seen
+    if name == "daad":  # each step: the discriminator's optimiser first, then the autoencoder's
+        autoencoder = seen[1::2]
+        assert {rates[0] for rates in seen[::2]} == {run.cfg.model.discriminator_lr}
+    assert len(autoencoder) == 32  # 8 epochs of 4 steps
+    assert autoencoder[0][0] == pytest.approx(lr)
+    assert autoencoder[16][0] == pytest.approx(lr / 2)
+    assert autoencoder[-1][0] == pytest.approx(lr * (1 + math.cos(math.pi * 31 / 32)) / 2)
+    assert all(a[0] >= b[0] for a, b in itertools.pairwise(autoencoder))
+    assert run.results["image_auroc"] > 0.8  # still a detector
+
+
+def test_unknown_schedule_says_which_exist(tmp_path):
+    with pytest.raises(PatchAEError, match="model.lr_schedule='step' is not one of constant, cosine"):
+        train_tiny(tmp_path, "model=ssl_ae", "model.lr_schedule=step", *TINY_RECONSTRUCTION)

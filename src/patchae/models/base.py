@@ -11,6 +11,7 @@ label-free validation, test metrics, threshold calibration and the checkpoint's 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -31,6 +32,7 @@ from patchae.thresholds import Thresholds, calibrate, decision_accuracy
 from patchae.tiling import Tiling
 
 CHECKPOINT_KEY = "patchae"
+LR_SCHEDULES = ("constant", "cosine")
 SETTING_GROUPS = ("scoring", "bank", "threshold", "preprocessing")
 
 # Checkpoints written before the settings were passed as groups hold them as flat hyper-parameters:
@@ -331,6 +333,20 @@ class ReconstructionModule(AnomalyModule):
             {"params": list(encoder.parameters()), "lr": self.hparams.encoder_lr},
         ]
 
+    def learning_rate_schedule(
+        self, optimizer: torch.optim.Optimizer
+    ) -> torch.optim.lr_scheduler.LambdaLR | None:
+        """The scheduler of ``lr_schedule`` for ``optimizer``, stepped once per training step: ``constant`` (None)
+        or ``cosine`` (every group's rate falls from its own value to 0 along half a cosine over the whole fit:
+        the last epochs refine instead of hopping between nearby solutions)."""
+        schedule = self.hparams.get("lr_schedule", "constant")
+        if schedule not in LR_SCHEDULES:
+            raise PatchAEError(f"model.lr_schedule={schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+        if schedule == "constant":
+            return None
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, total))
+
     def train(self, mode: bool = True) -> ReconstructionModule:
         super().train(mode)
         self.keep_encoder_batchnorm()
@@ -354,3 +370,8 @@ class ReconstructionModule(AnomalyModule):
                 f"{type(self).__name__} trains on clean normal images, but the data adds CutPaste defects; "
                 "add augment=none"
             )
+
+
+def cosine_factor(step: int, total: int) -> float:
+    """Half a cosine from 1 at step 0 to 0 at step ``total`` (and after)."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))

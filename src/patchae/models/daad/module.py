@@ -47,6 +47,7 @@ class DAADModule(ReconstructionModule):
         reconstruction_weight: float = 1.0,
         feature_weight: float = 1.0,
         lr: float = 3e-3,
+        lr_schedule: str = "constant",
         discriminator_lr: float = 1e-4,
         backbone: str = "scratch",
         encoder_layers: Sequence[int] = (0, 1, 2, 3),
@@ -104,6 +105,9 @@ class DAADModule(ReconstructionModule):
         ae_optimizer.zero_grad()
         self.manual_backward(loss)
         ae_optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:  # manual optimisation: Lightning leaves the stepping to us
+            scheduler.step()
 
         size = images.shape[0]
         self.log(
@@ -140,11 +144,14 @@ class DAADModule(ReconstructionModule):
         )
         return terms
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+    def configure_optimizers(self) -> Any:
         # Adam with beta1 = 0.5, the usual choice for adversarial training.
-        return [
+        optimizers = [
             torch.optim.Adam(self.parameter_groups(), betas=(0.5, 0.999)),
             torch.optim.Adam(
                 self.model.discriminator.parameters(), lr=self.hparams.discriminator_lr, betas=(0.5, 0.999)
             ),
         ]
+        # lr_schedule applies to the autoencoder; the discriminator keeps its (small) rate.
+        scheduler = self.learning_rate_schedule(optimizers[0])
+        return optimizers if scheduler is None else (optimizers, [scheduler])

@@ -39,6 +39,7 @@ class SSLAEModule(ReconstructionModule):
         skips: bool = True,
         corruption: dict[str, Any] | None = None,
         lr: float = 1e-3,
+        lr_schedule: str = "constant",
         weight_decay: float = 0.0,
         seed: int = 0,
         backbone: str = "scratch",
@@ -90,5 +91,9 @@ class SSLAEModule(ReconstructionModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameter_groups(), weight_decay=self.hparams.weight_decay)
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.Adam(self.parameter_groups(), weight_decay=self.hparams.weight_decay)
+        scheduler = self.learning_rate_schedule(optimizer)
+        if scheduler is None:
+            return {"optimizer": optimizer}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
