@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-inference bench-coreset bench-speed bench-draem bench-serve bench-gpu clean
+.PHONY: install demo test lint bench bench-inference bench-coreset bench-speed bench-draem bench-serve bench-gpu bench-table clean
 
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -31,6 +31,24 @@ lint: install
 BENCH_ARGS ?= --categories all
 bench: install
 	$(PYTHON) -m patchae.benchmarks.accuracy run $(BENCH_ARGS)
+
+# `make bench-table`: the README's results table in one command: Patch AE and PatchCore (EfficientNet-Lite0), SSL-AE and
+# DAAD (their CPU experiments) on bottle and screw, 3 seeds each, and anomalib's DRAEM at 3 CPU minutes, collected into
+# one table, multirun/readme_table/benchmark.md (about 2 h 40 min on 2 cores). Installs the `bench` extra (anomalib).
+TABLE_DATA ?= ../shared/data
+TABLE_OUT ?= multirun/readme_table
+TABLE_RUN = $(PYTHON) -m patchae.benchmarks.accuracy run --seeds 3 --skip-finished
+bench-table: install
+	$(PYTHON) -m pip install -q -e '.[bench]'
+	$(TABLE_RUN) --models patch_ae,patchcore --categories bottle --out $(TABLE_OUT)/features_bottle data.root=$(TABLE_DATA)/mvtec_ad backbone=efficientnet_lite0
+	$(TABLE_RUN) --models patch_ae,patchcore --categories screw --out $(TABLE_OUT)/features_screw data.root=$(TABLE_DATA)/mvtec_ad_image_level backbone=efficientnet_lite0
+	$(TABLE_RUN) --models ssl_ae,daad --categories bottle --out $(TABLE_OUT)/reconstruction_bottle data.root=$(TABLE_DATA)/mvtec_ad
+	$(TABLE_RUN) --models ssl_ae,daad --categories screw --out $(TABLE_OUT)/reconstruction_screw data.root=$(TABLE_DATA)/mvtec_ad_image_level
+	for seed in 0 1 2; do \
+	  $(PYTHON) -m patchae.benchmarks.draem root=$(TABLE_DATA)/mvtec_ad category=bottle image_size=128 minutes=3 seed=$$seed out=$(TABLE_OUT)/draem/bottle_seed_$$seed && \
+	  $(PYTHON) -m patchae.benchmarks.draem root=$(TABLE_DATA)/mvtec_ad_image_level category=screw image_size=128 minutes=3 seed=$$seed out=$(TABLE_OUT)/draem/screw_seed_$$seed || exit 1; \
+	done
+	$(PYTHON) -m patchae.benchmarks.accuracy collect $(TABLE_OUT)/features_bottle $(TABLE_OUT)/features_screw $(TABLE_OUT)/reconstruction_bottle $(TABLE_OUT)/reconstruction_screw $(TABLE_OUT)/draem --out $(TABLE_OUT)
 
 # `make bench-inference`: images/s and p50/p95 latency (batch 1 and 32), and exact vs IVF/IVF-PQ search on a 1M-vector
 # bank. Runs anywhere (untrained offline backbone by default); pass a trained model with INFER_ARGS="ckpt=<model.ckpt>".
