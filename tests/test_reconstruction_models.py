@@ -118,7 +118,7 @@ def test_per_image_intensity_cancels_a_global_gain_and_offset_exactly(cls):
 @pytest.mark.parametrize("name", ["ssl_ae", "daad"])
 def test_cosine_schedule_brings_the_rate_to_zero_at_the_end_of_the_fit(name, tmp_path, monkeypatch):
     """model.lr_schedule=cosine: the autoencoder's rate starts at model.lr, is halved half-way through the steps
-    and reaches 0 at the last one; the discriminator's (DAAD) stays where it is."""
+    and is nearly 0 at the last one, never rising; the discriminator's (DAAD) stays where it is."""
     seen: list[list[float]] = []
     original = torch.optim.Adam.step
 
