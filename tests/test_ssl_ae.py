@@ -93,7 +93,7 @@ def test_pretrained_encoder_option():
     model.train()
     batchnorms = [m for m in model.model.network.pretrained.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert batchnorms and not any(m.training for m in batchnorms)
-    groups = model.configure_optimizers().param_groups
+    groups = model.configure_optimizers()["optimizer"].param_groups
     assert [group["lr"] for group in groups] == [1e-3, 1e-5]
     with pytest.raises(PatchAEError) as error:
         SSLAEModule(backbone="tf_efficientnet_lite0", encoder_layers=(2, 3), pretrained=False)
