@@ -34,7 +34,8 @@ bench: install
 
 # `make bench-table`: the README's results table in one command: Patch AE and PatchCore (EfficientNet-Lite0), SSL-AE and
 # DAAD (their CPU experiments) on bottle and screw, 3 seeds each, and anomalib's DRAEM at 3 CPU minutes, collected into
-# one table, multirun/readme_table/benchmark.md (about 2 h 40 min on 2 cores). Installs the `bench` extra (anomalib).
+# one table, multirun/readme_table/benchmark.md (about 2 h 40 min on 2 cores, summed from the rows' measured runs; not yet
+# run end to end in one go). Installs the `bench` extra (anomalib).
 TABLE_DATA ?= ../shared/data
 TABLE_OUT ?= multirun/readme_table
 TABLE_RUN = $(PYTHON) -m patchae.benchmarks.accuracy run --seeds 3 --skip-finished
