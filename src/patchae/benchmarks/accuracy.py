@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from patchae.benchmarks.cli import project_root
 from patchae.callbacks import write_csv
 from patchae.errors import PatchAEError
 from patchae.resume import complete_results
@@ -493,16 +494,6 @@ def finished_times(directory: Path) -> Iterator[float]:
 
 
 # -- running ------------------------------------------------------------------------------------------
-def project_root() -> Path:
-    """The source checkout holding ``train.py`` and ``conf/`` (the benchmark runs the same entry point)."""
-    root = Path(__file__).resolve().parents[3]
-    if not (root / "train.py").is_file() or not (root / "conf").is_dir():
-        raise PatchAEError(
-            f"train.py and conf/ not found in {root}; run the benchmark from a source checkout"
-        )
-    return root
-
-
 def job_commands(
     categories: Sequence[str],
     models: Sequence[str],

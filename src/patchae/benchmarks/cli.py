@@ -14,6 +14,16 @@ from omegaconf import OmegaConf
 from patchae.errors import PatchAEError
 
 
+def project_root() -> Path:
+    """The source checkout holding ``train.py`` and ``conf/``: the benchmarks run its entry points and configs."""
+    root = Path(__file__).resolve().parents[3]
+    if not (root / "train.py").is_file() or not (root / "conf").is_dir():
+        raise PatchAEError(
+            f"train.py and conf/ not found in {root}; run the benchmark from a source checkout"
+        )
+    return root
+
+
 def run_command(
     module: str,
     doc: str,

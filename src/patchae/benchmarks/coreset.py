@@ -35,7 +35,7 @@ import faiss
 import numpy as np
 import torch
 
-from patchae.benchmarks.cli import run_command
+from patchae.benchmarks.cli import project_root, run_command
 from patchae.errors import PatchAEError
 from patchae.memory.coreset import (
     CORESET_METHODS,
@@ -75,8 +75,7 @@ def patchcore_model(backbone: str, overrides: tuple[str, ...] = ()) -> tuple[Any
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    config_dir = Path(__file__).resolve().parents[3] / "conf"
-    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+    with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base=None):
         cfg = compose("train", overrides=["model=patchcore", f"backbone={backbone}", *overrides])
     return instantiate(cfg.model, _convert_="all").eval(), cfg
 

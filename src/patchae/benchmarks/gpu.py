@@ -28,10 +28,9 @@ from typing import Any
 
 import torch
 
-from patchae.benchmarks.cli import run_command
+from patchae.benchmarks.cli import project_root, run_command
 from patchae.errors import PatchAEError
 
-REPO = Path(__file__).resolve().parents[3]
 NO_GPU = "no CUDA GPU visible: bench-gpu has nothing to measure here (it runs where a GPU is lent)"
 
 
@@ -56,7 +55,7 @@ def fit_and_test(cfg: GpuBenchConfig, model: str) -> dict[str, Any]:
     run_dir = Path(cfg.folder).resolve() / model
     command = [
         sys.executable,
-        str(REPO / "train.py"),
+        str(project_root() / "train.py"),
         f"model={model}",
         "backbone=efficientnet_lite0",
         "trainer=gpu",

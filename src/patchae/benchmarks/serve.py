@@ -34,14 +34,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from patchae.benchmarks.cli import run_command
+from patchae.benchmarks.cli import project_root, run_command
 from patchae.benchmarks.inference import percentile
 from patchae.benchmarks.speed import machine
 from patchae.errors import PatchAEError
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[3]
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".bmp": "image/bmp"}
 CKPT_HINT = (
     'make bench-serve SERVE_ARGS="ckpt=outputs/bottle/<time>/model.ckpt images=data/mvtec_ad/bottle/test"'
@@ -107,7 +106,7 @@ class Station:
         max_size = cfg.max_batch if batching == "on" else 1
         self.command = [
             sys.executable,
-            str(REPO / "serve.py"),
+            str(project_root() / "serve.py"),
             f"ckpt={Path(cfg.ckpt).expanduser().resolve()}",
             f"output={folder}",
             "host=127.0.0.1",

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from patchae.benchmarks.cli import project_root
 from patchae.benchmarks.inference import peak_resident_mb, time_scoring
 from patchae.errors import PatchAEError
 
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 SYSTEMS = ("patch_ae", "patchcore", "anomalib")
 LABELS = {"patch_ae": "Patch AE", "patchcore": "PatchCore", "anomalib": "anomalib PatchCore"}
 ANOMALIB_HINT = "anomalib is not installed: pip install -e '.[bench]' (or run make bench-speed)"
-REPO = Path(__file__).resolve().parents[3]
 
 
 @dataclass
@@ -90,7 +90,7 @@ def train_config(cfg: SpeedConfig, system: str, run_dir: Path) -> Any:
         f"paths.output_dir={run_dir}",
         *cfg.overrides,
     ]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base="1.3"):
         return compose("train", overrides=overrides)
 
 
