@@ -90,7 +90,8 @@ bench-serve: install
 	$(PYTHON) -m patchae.benchmarks.serve $(SERVE_ARGS)
 
 # `make bench-gpu`: the GPU figures in one prepared run (fit + test of PatchCore and Patch AE, coreset on the GPU at the
-# bank's size and 1M, model time at batch 1 and 32), each printed as it comes; without a GPU one line, exit 0.
+# bank's size and 1M, model time at batch 1 and 32: torch, ONNX Runtime on the GPU and CPU, anomalib's PatchCore on the
+# same card), each printed as it comes; without a GPU one line, exit 0.
 GPU_ARGS ?= root=../shared/data/mvtec_ad category=bottle
 bench-gpu: install
 	$(PYTHON) -m patchae.benchmarks.gpu $(GPU_ARGS)

@@ -61,19 +61,27 @@ def _exported_from(folder: Path, ckpt: Path) -> bool:
 
 
 class OnnxScorer:
-    """``scorer(images) -> (maps (B, H, W), image scores (B,))`` with ONNX Runtime on CPU, as the torch model."""
+    """``scorer(images) -> (maps (B, H, W), image scores (B,))`` with ONNX Runtime, as the torch model; on CPU, or
+    with ``device="cuda"`` on the GPU (needs the onnxruntime-gpu package; inputs are copied from the host)."""
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, device: str = "cpu") -> None:
         try:
             import onnxruntime
         except ImportError:
             raise PatchAEError("runtime=onnx needs onnxruntime: pip install onnxruntime") from None
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                raise PatchAEError(
+                    "this ONNX Runtime has no CUDA provider; pip install onnxruntime-gpu for ONNX on the GPU"
+                )
+            providers.insert(0, "CUDAExecutionProvider")
+        elif device != "cpu":
+            raise PatchAEError(f"ONNX Runtime device {device!r} is not cpu or cuda")
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         try:
-            self.session = onnxruntime.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # onnxruntime raises its own exception types for bad files
             reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
             raise PatchAEError(
