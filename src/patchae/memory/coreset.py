@@ -64,9 +64,17 @@ DEFAULT_GREEDY_SECONDS = 20.0
 # Rows of the two random samples on which auto runs exact greedy to see how much it prunes.
 _SAMPLE_ROWS = (4096, 16384)
 # The samples' rows fit in the CPU's cache, a whole bank's do not: measured per row, exact greedy on the whole
-# bank ran this many times slower than the samples predicted (2.2x on bottle's 147k vectors, 2.5x on 157k
-# generated-texture vectors, 2 AMD EPYC cores; docs/results.md "Coreset at scale").
+# bank ran slower than the samples predicted, the more so the larger the bank (2 AMD EPYC cores: 2.2x on bottle's
+# 147k vectors, 2.5x on 157k generated-texture vectors, 4.7x on bottle's 1.18M vectors under 8 rotations / flips;
+# docs/results.md "Coreset at scale"). Fitted: 2.5 x (N / 150k) ** 0.3 from 150k rows on.
 _WHOLE_BANK_SLOWDOWN = 2.5
+_SLOWDOWN_ROWS = 150_000
+_SLOWDOWN_GROWTH = 0.3
+
+
+def whole_bank_slowdown(num: int) -> float:
+    """How many times slower per measured row exact greedy runs on ``num`` rows than on the cached samples."""
+    return _WHOLE_BANK_SLOWDOWN * max(1.0, num / _SLOWDOWN_ROWS) ** _SLOWDOWN_GROWTH
 
 # From this many rows on, exact greedy on a CPU skips the rows a new center cannot be nearer to (see
 # _pruned_greedy); below it, its per-step bookkeeping costs more than updating every row.
@@ -198,7 +206,7 @@ def forecast_greedy(points: Tensor, target: int, seed: int = 0) -> GreedyForecas
             step_seconds, row_seconds = 0.0, max(seconds_a / measured_a, seconds_b / measured_b)
     seconds = target * (step_seconds + per_step * row_seconds)
     if num > size_b:
-        seconds *= _WHOLE_BANK_SLOWDOWN
+        seconds *= whole_bank_slowdown(num)
     return GreedyForecast(seconds, per_step / num, tuple(sample[0] for sample in samples))
 
 
