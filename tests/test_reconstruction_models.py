@@ -144,35 +144,3 @@ def test_cosine_schedule_brings_the_rate_to_zero_at_the_end_of_the_fit(name, tmp
 def test_unknown_schedule_says_which_exist(tmp_path):
     with pytest.raises(PatchAEError, match="model.lr_schedule='step' is not one of constant, cosine"):
         train_tiny(tmp_path, "model=ssl_ae", "model.lr_schedule=step", *TINY_RECONSTRUCTION)
-
-
-def test_train_crop_takes_the_same_window_of_input_and_target_and_varies_it_per_image():
-    """model.train_crop: each image's input and target are cut at one window (the pair stays aligned), windows
-    differ between images and steps, and the same (seed, step) gives the same windows."""
-    model = SSLAEModule(channels=(4, 8, 16), train_crop=16)
-    inputs = torch.arange(4 * 3 * 32 * 32, dtype=torch.float32).view(4, 3, 32, 32)
-    targets = -inputs
-    cut_inputs, cut_targets = model.crop_pairs(16, 5, inputs, targets)
-    assert cut_inputs.shape == (4, 3, 16, 16)
-    assert torch.equal(cut_targets, -cut_inputs)
-    corners = {float(cut_inputs[i, 0, 0, 0]) - i * 3 * 32 * 32 for i in range(4)}  # top * 32 + left
-    assert len(corners) > 1
-    again, _ = model.crop_pairs(16, 5, inputs, targets)
-    other, _ = model.crop_pairs(16, 6, inputs, targets)
-    assert torch.equal(again, cut_inputs) and not torch.equal(other, cut_inputs)
-    assert model.crop_pairs(None, 5, inputs, targets) == (inputs, targets)
-
-
-@pytest.mark.parametrize("size", [10, 64])
-def test_train_crop_that_does_not_fit_says_what_to_change(size):
-    model = SSLAEModule(channels=(4, 8, 16), train_crop=size)
-    images = torch.zeros(2, 3, 32, 32)
-    with pytest.raises(PatchAEError, match=f"model.train_crop={size} must be a multiple of 4"):
-        model.crop_pairs(size, 0, images, images)
-
-
-def test_ssl_ae_trained_on_windows_still_detects(tmp_path):
-    """Trained on 16 px windows of the 32 px images and scored on whole images, SSL-AE still separates the
-    synthetic defects (the network is fully convolutional)."""
-    run = train_tiny(tmp_path, "model=ssl_ae", "model.train_crop=16", *TINY_RECONSTRUCTION)
-    assert run.results["image_auroc"] > 0.8

@@ -311,35 +311,6 @@ class ReconstructionModule(AnomalyModule):
         lit = [lighting(unit[i], seeded_generator(seed, step, i, 1)) for i in range(len(unit))]
         return (torch.stack(lit) - mean) / std
 
-    def crop_pairs(self, size: int | None, step: int, *batches: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The same random ``size`` x ``size`` window of each image of ``batches`` (inputs and targets alike),
-        drawn from ``(seed, step, index)``; unchanged when ``size`` is None. Training on windows of
-        larger images keeps the cost of a step while the network learns at the higher resolution it is scored
-        at (the network is fully convolutional). Cropped after the intensity frame is taken, so the window
-        keeps the whole image's frame, as at test time."""
-        if size is None:
-            return batches
-        height, width = batches[0].shape[-2:]
-        size = int(size)
-        stride = self.model.network.stride
-        if size % stride or size > min(height, width):
-            raise PatchAEError(
-                f"model.train_crop={size} must be a multiple of {stride} and at most the image side "
-                f"{min(height, width)}; change model.train_crop or data.image_size"
-            )
-        windows = []
-        for i in range(len(batches[0])):
-            generator = seeded_generator(self.hparams.seed, step, i, 2)
-            top = int(torch.randint(height - size + 1, (1,), generator=generator))
-            left = int(torch.randint(width - size + 1, (1,), generator=generator))
-            windows.append((top, left))
-        return tuple(
-            torch.stack(
-                [batch[i, :, top : top + size, left : left + size] for i, (top, left) in enumerate(windows)]
-            )
-            for batch in batches
-        )
-
     def build_encoder(self) -> nn.Module | None:
         """The pretrained encoder the hyperparameters name (``backbone`` a timm model), or None (scratch)."""
         hparams = self.hparams

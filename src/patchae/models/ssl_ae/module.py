@@ -49,7 +49,6 @@ class SSLAEModule(ReconstructionModule):
         encoder_lr: float = 1e-4,
         lighting: Mapping[str, Any] | None = None,
         per_image_intensity: bool = False,
-        train_crop: int | None = None,
         scoring: Mapping[str, Any] | None = None,
         threshold: Mapping[str, Any] | None = None,
         preprocessing: Mapping[str, Any] | None = None,
@@ -88,7 +87,6 @@ class SSLAEModule(ReconstructionModule):
         inputs, targets = self.corrupt(lit, self.global_step)
         # The target in the input's intensity frame: what error_terms compares at test time.
         inputs, targets = network.standardize(inputs), network.standardize(targets, reference=inputs)
-        inputs, targets = self.crop_pairs(self.hparams.train_crop, self.global_step, inputs, targets)
         loss = F.mse_loss(network(inputs), targets)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
         return loss
