@@ -110,3 +110,21 @@ def test_export_of_a_model_with_an_approximate_index_checks_against_exact_search
     )
     result = export_model(ckpt, tmp_path / "export", format="onnx")
     assert max(result["onnx_max_difference"].values()) <= 1e-4
+
+
+@pytest.mark.parametrize("batch", [0, 3, 9])
+def test_onnx_scorer_in_micro_batches_equals_the_checkpoint(exported, test_images, batch):
+    """OnnxScorer runs a CPU batch a few images at a time (CPU_MICRO_BATCH); a batch that is not a multiple of
+    it, or empty, gives the checkpoint's maps and scores all the same."""
+    from patchae.deploy.runtime import OnnxScorer
+
+    output, _ = exported
+    predictor, images = test_images
+    maps, scores = OnnxScorer(output / "model.onnx")(images[:batch])
+    assert tuple(maps.shape) == (batch, 64, 64) and tuple(scores.shape) == (batch,)
+    if batch:
+        expected_maps, expected_scores, _ = reference_outputs(
+            predictor.model, predictor.thresholds, images[:batch]
+        )
+        assert torch.allclose(maps, expected_maps, atol=1e-4, rtol=0)
+        assert torch.allclose(scores, expected_scores, atol=1e-4, rtol=0)
