@@ -76,6 +76,7 @@ def whole_bank_slowdown(num: int) -> float:
     """How many times slower per measured row exact greedy runs on ``num`` rows than on the cached samples."""
     return _WHOLE_BANK_SLOWDOWN * max(1.0, num / _SLOWDOWN_ROWS) ** _SLOWDOWN_GROWTH
 
+
 # From this many rows on, exact greedy on a CPU skips the rows a new center cannot be nearer to (see
 # _pruned_greedy); below it, its per-step bookkeeping costs more than updating every row.
 _PRUNED_MIN_ROWS = 10_000
