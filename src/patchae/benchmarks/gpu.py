@@ -102,12 +102,13 @@ def model_time(ckpt: str, iterations: int, device: str = "cuda") -> list[dict[st
     """Model-time rows of the checkpoint: torch and ONNX Runtime on ``device``, ONNX Runtime on CPU. A runtime
     this machine lacks gives a row with its reason instead of figures."""
     from patchae.benchmarks.inference import time_scoring
+    from patchae.data import ImageTransform
     from patchae.deploy.loading import load_model
     from patchae.deploy.runtime import OnnxScorer, onnx_file
 
     rows: list[dict[str, Any]] = []
     model = load_model(ckpt, device=device)
-    size = int(model.preprocessing.crop_size or model.preprocessing.image_size)
+    size = ImageTransform.from_preprocessing(model.preprocessing).output_shape
     onnx = onnx_file(Path(ckpt))
     scorers: dict[str, tuple[Any, str]] = {f"torch ({device})": (lambda x: model(x)[1], device)}
     if device != "cpu":
@@ -133,7 +134,7 @@ def model_time(ckpt: str, iterations: int, device: str = "cuda") -> list[dict[st
 
 
 def anomalib_model_time(
-    backbone: str, layers: list[int], bank_size: int, size: int, iterations: int, device: str
+    backbone: str, layers: list[int], bank_size: int, size: tuple[int, int], iterations: int, device: str
 ) -> list[dict[str, Any]]:
     """anomalib 2.7's PatchCore torch model beside ours on ``device``: our model's ``backbone``, ``layers`` and
     packaged weights, the same input size, and a bank of as many rows (random ones: a nearest-neighbour search
@@ -147,16 +148,12 @@ def anomalib_model_time(
         say(f"model time, {label}: not measured, {ANOMALIB_HINT}")
         return [{"runtime": label, "missing": ANOMALIB_HINT}]
     from patchae.benchmarks.inference import time_scoring
-    from patchae.models.backbone import packaged_weights_file
+    from patchae.benchmarks.speed import load_packaged_weights
 
     network = PatchcoreModel(layers=layers, backbone=backbone, pre_trained=False)
-    weights = packaged_weights_file(backbone)
-    if weights is not None:
-        network.feature_extractor.feature_extractor.load_state_dict(
-            torch.load(weights, map_location="cpu", weights_only=True), strict=False
-        )
+    load_packaged_weights(network, backbone)
     with torch.no_grad():
-        width = network.train()(torch.zeros(1, 3, size, size)).shape[1]  # training mode returns the embedding
+        width = network.train()(torch.zeros(1, 3, *size)).shape[1]  # training mode returns the embedding
     network.memory_bank = torch.randn(bank_size, width, generator=torch.Generator().manual_seed(0))
     network = network.eval().to(device)
     rows = []

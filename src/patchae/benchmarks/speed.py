@@ -220,7 +220,6 @@ def run_anomalib(cfg: SpeedConfig, reference: dict[str, Any], workdir: Path) -> 
     from torchvision.transforms.v2 import CenterCrop, Compose, Normalize, Resize
 
     from patchae.data import IMAGE_EXTENSIONS
-    from patchae.models.backbone import packaged_weights_file
 
     category = Path(reference["root"]) / reference["category"]
     train_images = sum(
@@ -247,16 +246,7 @@ def run_anomalib(cfg: SpeedConfig, reference: dict[str, Any], workdir: Path) -> 
         evaluator=False,
         visualizer=False,
     )
-    weights = packaged_weights_file(reference["backbone"])
-    weights_note = "the same packaged ImageNet weights"
-    if weights is not None:
-        missing, _ = model.model.feature_extractor.feature_extractor.load_state_dict(
-            torch.load(weights, map_location="cpu", weights_only=True), strict=False
-        )
-        if missing:
-            raise PatchAEError(f"anomalib's {reference['backbone']} lacks weights for {missing[:3]}")
-    else:
-        weights_note = "random weights (no packaged weights for this backbone)"
+    weights_note = load_packaged_weights(model.model, reference["backbone"])
     datamodule = MVTecAD(
         root=reference["root"],
         category=reference["category"],
@@ -327,6 +317,22 @@ def run_anomalib(cfg: SpeedConfig, reference: dict[str, Any], workdir: Path) -> 
         "peak_fit_test_mb": fit_test_peak,
         "input_size": size,
     }
+
+
+def load_packaged_weights(network: Any, backbone: str) -> str:
+    """Our packaged ImageNet weights of ``backbone`` into anomalib's PatchCore torch model ``network`` (anomalib
+    would download them); returns what its backbone now holds."""
+    from patchae.models.backbone import packaged_weights_file
+
+    weights = packaged_weights_file(backbone)
+    if weights is None:
+        return "random weights (no packaged weights for this backbone)"
+    missing, _ = network.feature_extractor.feature_extractor.load_state_dict(
+        torch.load(weights, map_location="cpu", weights_only=True), strict=False
+    )
+    if missing:
+        raise PatchAEError(f"anomalib's {backbone} lacks weights for {missing[:3]}")
+    return "the same packaged ImageNet weights"
 
 
 def random_coreset(seed: int) -> Any:

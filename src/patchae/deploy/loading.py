@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from patchae.checkpoints import load_checkpoint
+from patchae.data import ImageTransform
 from patchae.errors import PatchAEError
 from patchae.models import AnomalyModule, PatchAEModule
 from patchae.models.base import CHECKPOINT_KEY, set_setting, upgrade_hparams
@@ -133,9 +134,8 @@ def load_model(
 
 
 def example_images(model: AnomalyModule) -> torch.Tensor:
-    """One seeded random image of the size the model is given (its crop, else its resize)."""
-    size = model.preprocessing.crop_size or model.preprocessing.image_size
-    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    """One seeded random image of the shape the model is given (its preprocessing's output)."""
+    height, width = ImageTransform.from_preprocessing(model.preprocessing).output_shape
     images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     return images.to(model.device)
 

@@ -28,6 +28,11 @@ def fold_batchnorm(model: nn.Module, *example: Any) -> list[Folded]:
     and return what was folded. Which convolution feeds which norm is seen in one forward pass on
     ``example`` (the module graph alone does not say); a convolution whose output also reaches another module
     is left alone. The model must be in eval mode and is changed in place."""
+    return _fold_seen(model, example)[0]
+
+
+def _fold_seen(model: nn.Module, example: tuple[Any, ...]) -> tuple[list[Folded], Any]:
+    """:func:`fold_batchnorm`, and the model's outputs on ``example`` before folding (its hooked pass)."""
     if model.training:
         raise ValueError("fold_batchnorm needs a model in eval mode: batch statistics cannot be folded")
     producers: dict[int, tuple[nn.Conv2d, Tensor]] = {}  # id(output) -> (conv, output: kept alive for the id)
@@ -55,20 +60,22 @@ def fold_batchnorm(model: nn.Module, *example: Any) -> list[Folded]:
             handles.append(module.register_forward_pre_hook(before_any))
     try:
         with torch.no_grad():
-            model(*example)
+            outputs = model(*example)
     finally:
         for handle in handles:
             handle.remove()
-    single = {id(conv): len(users) == 1 for key, users in consumers.items() for conv in [producers[key][0]]}
+    shared = {id(producers[key][0]) for key, users in consumers.items() if len(users) > 1}
     folded: list[Folded] = []
+    done: set[str] = set()
     for name, conv, norm in pairs:
-        if name in {record.name for record in folded} or not single.get(id(conv), False):
+        if name in done or id(conv) in shared:
             continue
         bias = None if conv.bias is None else conv.bias.detach().clone()
         folded.append(Folded(name, conv, conv.weight.detach().clone(), bias, norm))
         _fold(conv, norm)
         _replace(model, name, _after_norm(norm))
-    return folded
+        done.add(name)
+    return folded, outputs
 
 
 @dataclass
@@ -98,11 +105,11 @@ def fold_for_inference(model: nn.Module, example: Tensor, tolerance: float = 1e-
     """Fold the model's batch norms (:func:`fold_batchnorm`) and check on ``example`` that its outputs are
     unchanged (to ``tolerance`` of their scale); where they are not (a convolution output used by something
     the hooks cannot see), undo it. Returns how many were folded and kept."""
+    folded, outputs = _fold_seen(model, (example,))
+    if not folded:
+        return 0
+    before = _flat_outputs(outputs)
     with torch.no_grad():
-        before = _flat_outputs(model(example))
-        folded = fold_batchnorm(model, example)
-        if not folded:
-            return 0
         after = _flat_outputs(model(example))
     for old, new in zip(before, after, strict=True):
         scale = max(1.0, float(old.abs().max())) if old.numel() else 1.0
