@@ -37,14 +37,20 @@ OPTIMIZABLE = (
 )
 
 
-def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
-    """Instantiate the data module, the model and the trainer (with callbacks and loggers) from a config."""
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """The data module of a config (a run's ``.hydra/config.yaml`` too), its training split listed and checked."""
     # Passed as a config node: Hydra would turn an already-built (dataclass) CutPaste back into a dict.
     augment = cfg.augment if cfg.get("augment") else None
     datamodule = instantiate(cfg.data, augment=augment, _convert_="all")
-    # Check the data before building the model: a wrong path should not wait for a weights download.
     datamodule.prepare_data()
     datamodule.setup("fit")
+    return datamodule
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """Instantiate the data module, the model and the trainer (with callbacks and loggers) from a config."""
+    # Check the data before building the model: a wrong path should not wait for a weights download.
+    datamodule = build_datamodule(cfg)
     record_geometry(cfg, datamodule)
     model = instantiate(cfg.model, _convert_="all")
     callbacks = [instantiate(node, _convert_="all") for node in (cfg.get("callbacks") or {}).values()]
