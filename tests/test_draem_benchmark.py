@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from patchae.benchmarks.draem import (
@@ -16,6 +17,7 @@ from patchae.benchmarks.draem import (
     DraemConfig,
     generate_textures,
     main,
+    matched_brightness,
     run,
     summary,
     texture_source,
@@ -35,6 +37,18 @@ def test_procedural_textures_are_readable_and_deterministic(tmp_path):
     assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
     other = generate_textures(tmp_path / "c", count=6, size=48, seed=4)
     assert [p.read_bytes() for p in paths] != [p.read_bytes() for p in other]
+
+
+def test_brightness_matching_undoes_a_global_gain():
+    # The brightness control's test images: a part lit 10 % darker or brighter comes back as the same image.
+    image = (
+        torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.6
+    )  # mean 0.3: no clipping at 0.4
+    for gain in (0.9, 1.1):
+        matched = matched_brightness(image * gain, 0.4)
+        assert float(matched.mean()) == pytest.approx(0.4, abs=1e-6)
+        assert torch.allclose(matched, matched_brightness(image, 0.4), atol=1e-6)
+    assert float(matched_brightness(image, 0.95).max()) == 1.0  # clipped to the valid range
 
 
 def test_textures_are_generated_once_and_rebuilt_for_other_settings(tmp_path):
@@ -106,3 +120,6 @@ def test_draem_one_epoch_on_a_tiny_category(tmp_path):
     predictions = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
     assert predictions[0] == "path,label,score" and len(predictions) == 1 + 7
     assert "image AUROC" in summary(results) and math.isfinite(results["image_auroc"])
+    control = written["brightness_matched"]
+    assert 0.0 < control["train_brightness"] < 1.0 and 0.0 <= control["image_auroc"] <= 1.0
+    assert "at the training brightness" in summary(results)

@@ -67,6 +67,8 @@ class DraemConfig:
     batch_size: int = 8  # the paper's
     num_workers: int = 2
     accelerator: str = "auto"  # cpu, gpu or auto (a GPU where there is one)
+    brightness_control: bool = True  # also score the test split with every image's mean brightness set to the
+    # training images' mean (results' "brightness_matched"): how much of the figure is a global lighting cue
     out: str | None = None  # default: outputs/draem/<category>/<time>
 
 
@@ -167,13 +169,28 @@ def texture_source(cfg: DraemConfig, out: Path) -> dict[str, Any]:
 
 
 # -- data -----------------------------------------------------------------------------------------------------
-class ImageItems(torch.utils.data.Dataset):
-    """patchae's samples as anomalib ``ImageItem``s: RGB in [0, 1], squashed to ``size`` x ``size``."""
+def matched_brightness(image: torch.Tensor, brightness: float) -> torch.Tensor:
+    """``image`` (3 x H x W in [0, 1]) times the gain that makes its mean ``brightness``, clipped to [0, 1]."""
+    return (image * (brightness / image.mean().clamp_min(1e-6))).clamp(0, 1)
 
-    def __init__(self, samples: list[Any], size: int) -> None:
+
+def mean_brightness(samples: list[Any], size: int) -> float:
+    """The mean pixel value in [0, 1] of ``samples``' images as DRAEM sees them."""
+    from patchae.data.images import load_rgb
+    from patchae.data.transforms import ImageTransform
+
+    transform = ImageTransform(size)
+    return float(np.mean([transform.to_unit_tensor(load_rgb(sample.path)).mean() for sample in samples]))
+
+
+class ImageItems(torch.utils.data.Dataset):
+    """patchae's samples as anomalib ``ImageItem``s: RGB in [0, 1], squashed to ``size`` x ``size``; with
+    ``brightness``, each image's mean set to it (:func:`matched_brightness`)."""
+
+    def __init__(self, samples: list[Any], size: int, brightness: float | None = None) -> None:
         from patchae.data.transforms import ImageTransform
 
-        self.samples, self.transform = samples, ImageTransform(size)
+        self.samples, self.transform, self.brightness = samples, ImageTransform(size), brightness
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -185,6 +202,8 @@ class ImageItems(torch.utils.data.Dataset):
 
         sample = self.samples[index]
         image = self.transform.to_unit_tensor(load_rgb(sample.path))
+        if self.brightness is not None:
+            image = matched_brightness(image, self.brightness)
         return ImageItem(image=image, gt_label=torch.tensor(sample.label), image_path=str(sample.path))
 
 
@@ -256,22 +275,27 @@ def run(cfg: DraemConfig) -> dict[str, Any]:
     engine.fit(model=model, train_dataloaders=train_loader)
     fit_seconds = time.perf_counter() - start
 
-    test_loader = torch.utils.data.DataLoader(
-        ImageItems(test_samples, cfg.image_size), shuffle=False, **loader
-    )
-    start = time.perf_counter()
-    predictions = engine.predict(model=model, dataloaders=test_loader, return_predictions=True)
-    predict_seconds = time.perf_counter() - start
-    scores = torch.cat([batch.pred_score.flatten().float().cpu() for batch in predictions])
-    maps = torch.cat(
-        [batch.anomaly_map.reshape(-1, cfg.image_size, cfg.image_size).float().cpu() for batch in predictions]
-    )
-    paths = [str(path) for batch in predictions for path in batch.image_path]
-    if paths != [str(sample.path) for sample in test_samples]:
-        raise RuntimeError("anomalib's predictions are not in the test split's order")
+    def score_test_split(brightness: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """DRAEM's image scores of the test split and patchae's metrics of its maps: as patchae's test, masks
+        resized to the model input (nearest), good images all-zero, unknown masks (image-level data) left out."""
+        test_loader = torch.utils.data.DataLoader(
+            ImageItems(test_samples, cfg.image_size, brightness), shuffle=False, **loader
+        )
+        predictions = engine.predict(model=model, dataloaders=test_loader, return_predictions=True)
+        scores = torch.cat([batch.pred_score.flatten().float().cpu() for batch in predictions])
+        maps = torch.cat(
+            [
+                batch.anomaly_map.reshape(-1, cfg.image_size, cfg.image_size).float().cpu()
+                for batch in predictions
+            ]
+        )
+        paths = [str(path) for batch in predictions for path in batch.image_path]
+        if paths != [str(sample.path) for sample in test_samples]:
+            raise RuntimeError("anomalib's predictions are not in the test split's order")
+        metrics = AnomalyMetrics()
+        metrics.update(scores, labels, maps, masks, has_mask)
+        return scores, metrics.compute()
 
-    # As patchae's test: masks resized to the model input (nearest), good images all-zero, masks unknown (image-
-    # level data) left out of the pixel metrics.
     transform = ImageTransform(cfg.image_size)
     masks = torch.stack(
         [
@@ -283,8 +307,14 @@ def run(cfg: DraemConfig) -> dict[str, Any]:
     )
     labels = torch.tensor([sample.label for sample in test_samples])
     has_mask = torch.tensor([sample.has_pixel_labels for sample in test_samples])
-    metrics = AnomalyMetrics()
-    metrics.update(scores, labels, maps, masks, has_mask)
+    start = time.perf_counter()
+    scores, test_metrics = score_test_split()
+    predict_seconds = time.perf_counter() - start
+    control: dict[str, Any] = {}
+    if cfg.brightness_control:
+        brightness = mean_brightness(train_samples, cfg.image_size)
+        _, matched = score_test_split(brightness)
+        control = {"brightness_matched": {"train_brightness": brightness, **matched}}
     results: dict[str, Any] = {
         "model": MODEL_NAME,
         # what tells DRAEM runs apart in a benchmark table: their time budget or epochs
@@ -298,7 +328,8 @@ def run(cfg: DraemConfig) -> dict[str, Any]:
         "steps_trained": int(engine.trainer.global_step),
         "batch_size": cfg.batch_size,
         "textures": textures,
-        **metrics.compute(),
+        **test_metrics,
+        **control,
         "fit_seconds": fit_seconds,
         "train_seconds": fit_seconds,  # the name patchae's results.json (and the accuracy table) use
         "test_images_per_second": len(test_samples) / max(predict_seconds, 1e-9),
@@ -330,7 +361,12 @@ def summary(results: dict[str, Any]) -> str:
         f"{results['model']} {results['category']}: image AUROC {pct('image_auroc')}, pixel AUROC "
         f"{pct('pixel_auroc')}, AUPRO {pct('aupro')} %; fit {results['fit_seconds']:.1f} s "
         f"({results['steps_trained']} steps of at most {results['epochs']} epochs, {results['image_size']} px, textures: {results['textures']['source']}); "
-        f"{results['run_dir']}/results.json"
+        + (
+            f"test images at the training brightness: image AUROC {100 * matched['image_auroc']:.2f} %; "
+            if (matched := results.get("brightness_matched"))
+            else ""
+        )
+        + f"{results['run_dir']}/results.json"
     )
 
 
