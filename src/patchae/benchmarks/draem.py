@@ -16,6 +16,9 @@ their maximum, no post-processing). Image AUROC, F1-max, pixel AUROC and AUPRO c
 :class:`patchae.metrics.AnomalyMetrics` with the masks resized to the map size as for patchae's models, and
 ``<out>/results.json`` has the keys of patchae's results.json (``python -m patchae.benchmarks.accuracy collect``
 tabulates it beside them). Pixel metrics are nan for image-level data (no ``ground_truth/``), as patchae's.
+A brightness control (``brightness_control``, on) scores the test split once more with every image's mean set to
+the training images' (``brightness_matched`` in results.json): DRAEM sees raw pixels, so a test split whose
+classes differ in lighting (MVTec AD screw's normal test parts are darker) can lift or sink its figure.
 
 The paper trains 700 epochs at 256 px (anomalib's config too: Adam, lr 1e-4, x0.1 at epochs 400 and 600);
 ``epochs`` defaults to 25 at 128 px, SSL-AE's CPU schedule. DRAEM is heavy (two U-Nets, ~97M weights): one
