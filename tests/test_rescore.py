@@ -31,7 +31,7 @@ def test_own_settings_reproduce_the_runs_validation_and_test_figures(run_dir):
 
 
 def test_every_setting_gets_a_row_and_a_mean(run_dir, tmp_path, capsys):
-    directory, results = run_dir
+    directory, _ = run_dir
     output = tmp_path / "rescore.json"
     got = main(
         [f"runs=[{directory},{directory}]", "blur_sigmas=[0,4]", "image_scores=[topk]", f"output={output}"]
