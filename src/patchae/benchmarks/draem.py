@@ -177,15 +177,6 @@ def matched_brightness(image: torch.Tensor, brightness: float) -> torch.Tensor:
     return (image * (brightness / image.mean().clamp_min(1e-6))).clamp(0, 1)
 
 
-def mean_brightness(samples: list[Any], size: int) -> float:
-    """The mean pixel value in [0, 1] of ``samples``' images as DRAEM sees them."""
-    from patchae.data.images import load_rgb
-    from patchae.data.transforms import ImageTransform
-
-    transform = ImageTransform(size)
-    return float(np.mean([transform.to_unit_tensor(load_rgb(sample.path)).mean() for sample in samples]))
-
-
 class ImageItems(torch.utils.data.Dataset):
     """patchae's samples as anomalib ``ImageItem``s: RGB in [0, 1], squashed to ``size`` x ``size``; with
     ``brightness``, each image's mean set to it (:func:`matched_brightness`)."""
@@ -198,15 +189,22 @@ class ImageItems(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def image(self, index: int) -> torch.Tensor:
+        """The ``index``-th image as DRAEM sees it: 3 x size x size in [0, 1]."""
+        from patchae.data.images import load_rgb
+
+        image = self.transform.to_unit_tensor(load_rgb(self.samples[index].path))
+        return image if self.brightness is None else matched_brightness(image, self.brightness)
+
+    def mean_brightness(self) -> float:
+        """The mean pixel value of all the images."""
+        return float(np.mean([self.image(index).mean() for index in range(len(self))]))
+
     def __getitem__(self, index: int) -> Any:
         from anomalib.data import ImageItem
 
-        from patchae.data.images import load_rgb
-
         sample = self.samples[index]
-        image = self.transform.to_unit_tensor(load_rgb(sample.path))
-        if self.brightness is not None:
-            image = matched_brightness(image, self.brightness)
+        image = self.image(index)
         return ImageItem(image=image, gt_label=torch.tensor(sample.label), image_path=str(sample.path))
 
 
@@ -315,7 +313,7 @@ def run(cfg: DraemConfig) -> dict[str, Any]:
     predict_seconds = time.perf_counter() - start
     control: dict[str, Any] = {}
     if cfg.brightness_control:
-        brightness = mean_brightness(train_samples, cfg.image_size)
+        brightness = ImageItems(train_samples, cfg.image_size).mean_brightness()
         _, matched = score_test_split(brightness)
         control = {"brightness_matched": {"train_brightness": brightness, **matched}}
     results: dict[str, Any] = {
