@@ -213,6 +213,13 @@ def test_paper_experiment_is_the_papers_setting(tmp_path):
     )
 
 
+def test_daad_paper_trains_the_papers_whole_loss(tmp_path):
+    # L2 + adversarial + the discriminator-feature alignment; the CPU setting leaves the alignment out (ours)
+    paper = compose_config(["experiment=daad_paper"], tmp_path).model
+    assert paper.alignment_weight > 0 and paper.adversarial_weight > 0
+    assert compose_config(["experiment=daad_cpu"], tmp_path).model.alignment_weight == 0
+
+
 def test_optuna_sweeper_maximises_the_chosen_metric(tmp_path):
     from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
 

@@ -85,7 +85,7 @@ def test_region_count_and_size_follow_the_settings():
             {"shapes": ("star",)},
             "corruption.shapes=['star'] must be a non-empty list of rectangle, ellipse, blob",
         ),
-        ({"fills": ()}, "corruption.fills=[] must be a non-empty list of image, texture, noise, color"),
+        ({"fills": ()}, "corruption.fills=[] must be a non-empty list of image, texture, noise, color, warp"),
         (
             {"opacity": (0.8, 0.2)},
             "corruption.opacity=(0.8, 0.2) must be [low, high] with low <= high within [0.001, 1.0]",
@@ -98,3 +98,18 @@ def test_bad_settings_say_what_to_change(settings, message):
     with pytest.raises(PatchAEError) as error:
         Corruption(**settings)
     assert str(error.value) == message
+
+
+def test_warp_moves_the_images_own_content_within_the_amplitude():
+    # a horizontal ramp: a warp can only move values along x, so every changed pixel holds a value from within
+    # the largest displacement of where it was
+    ramp = torch.linspace(0, 1, 64).expand(3, 64, 64).clone()
+    corruption = Corruption(
+        regions=(1, 1), fills=("warp",), opacity=(1.0, 1.0), noise_std=0.0, warp_amplitude=(0.05, 0.05)
+    )
+    out, mask = corruption(ramp, torch.Generator().manual_seed(2), source=torch.zeros(3, 64, 64))
+    inside = mask[0].bool()
+    assert inside.sum() > 0 and torch.equal(inside, (out != ramp).any(dim=0))
+    largest_step = 0.05 * 64 / 63  # 3.2 pixels of a ramp that rises 1/63 per pixel
+    assert float((out - ramp)[:, inside].abs().max()) <= largest_step + 1e-5
+    assert float((out - ramp)[:, inside].abs().max()) > 0.2 * largest_step  # it did move

@@ -21,6 +21,26 @@ def test_shapes():
     assert torch.allclose(scores, maps.flatten(1).amax(dim=1))
 
 
+@pytest.mark.parametrize(("skips", "kept"), [(True, {0, 1}), (False, set()), ([1], {1})])
+def test_skips_keep_only_the_chosen_levels(skips, kept):
+    network = SSLAEModule(channels=CHANNELS, skips=skips).model.network
+    assert network.skip_levels == kept
+    # a decoder block takes the coarser level's channels plus, where a skip is kept, its own level's
+    assert [block[0].in_channels for block in network.decoder] == [
+        CHANNELS[i + 1] + (CHANNELS[i] if i in kept else 0) for i in range(2)
+    ]
+    assert network(torch.randn(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+
+
+def test_a_skip_at_the_bottleneck_says_which_levels_exist():
+    with pytest.raises(PatchAEError) as error:
+        SSLAEModule(channels=CHANNELS, skips=[1, 2])
+    assert str(error.value) == (
+        "model.skips=[1, 2] must be true, false or a list of levels from 0 (full resolution) to 1 "
+        "(the bottleneck, level 2, has none), e.g. model.skips=[0,1]"
+    )
+
+
 def test_untrained_model_and_bad_sizes_say_what_to_do():
     model = SSLAEModule(channels=CHANNELS)
     with pytest.raises(PatchAEError, match="no normal-image statistics; train it first"):

@@ -1,8 +1,8 @@
 """SSL-AE's structured corruption (Bauer et al.) on [0, 1] image tensors: the input the autoencoder learns to clean.
 
 Between ``regions`` regions of varied shape (rectangle, ellipse, Perlin-noise blob) and size are replaced by a
-fill (a shifted region of another training image, a procedural texture, i.i.d. noise or a flat colour) blended
-in at a random opacity; the task mixes segmentation (where is the corruption) and inpainting (what was there).
+fill (a shifted region of another training image, a procedural texture, i.i.d. noise, a flat colour or, as an
+option, the image itself smoothly warped) blended in at a random opacity; the task mixes segmentation (where is the corruption) and inpainting (what was there).
 Then i.i.d. Gaussian noise of ``noise_std`` is added to the whole image and clipped to [0, 1]. The mask is exactly
 the pixels the regions changed; the noise touches every pixel and is not in it.
 
@@ -20,12 +20,13 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from patchae.data.perlin import perlin_noise
 from patchae.errors import PatchAEError
 
 SHAPES = ("rectangle", "ellipse", "blob")
-FILLS = ("image", "texture", "noise", "color")
+FILLS = ("image", "texture", "noise", "color", "warp")
 
 
 @dataclass(eq=False)
@@ -38,6 +39,8 @@ class Corruption:
         aspect_ratio: region width / height (log-uniform in the range).
         shapes, fills: the kinds to draw from, each region uniformly.
         opacity: weight of the fill against the original inside a region (uniform in the range; 1 = replaced).
+        warp_amplitude: largest displacement of a ``warp`` fill as a fraction of the image's longer side
+            (uniform in the range).
         noise_std: standard deviation of the i.i.d. Gaussian noise over the whole image (0 = none).
         noise_in_target: the training target keeps the input's noise outside the corrupted regions (the
             follow-up's), else it is the clean image everywhere.
@@ -48,8 +51,9 @@ class Corruption:
     area_ratio: tuple[float, float] = (0.002, 0.05)
     aspect_ratio: tuple[float, float] = (0.3, 3.3)
     shapes: tuple[str, ...] = SHAPES
-    fills: tuple[str, ...] = FILLS
+    fills: tuple[str, ...] = ("image", "texture", "noise", "color")
     opacity: tuple[float, float] = (0.5, 1.0)
+    warp_amplitude: tuple[float, float] = (0.01, 0.04)
     noise_std: float = 0.02
     noise_in_target: bool = True
     seed: int = 0
@@ -59,6 +63,7 @@ class Corruption:
         self.area_ratio = _ordered("area_ratio", self.area_ratio, float, minimum=1e-6, maximum=1.0)
         self.aspect_ratio = _ordered("aspect_ratio", self.aspect_ratio, float, minimum=1e-3)
         self.opacity = _ordered("opacity", self.opacity, float, minimum=1e-3, maximum=1.0)
+        self.warp_amplitude = _ordered("warp_amplitude", self.warp_amplitude, float, minimum=0.0, maximum=0.5)
         self.shapes = _choices("shapes", self.shapes, SHAPES)
         self.fills = _choices("fills", self.fills, FILLS)
         if not 0.0 <= float(self.noise_std) < 1.0:
@@ -93,7 +98,7 @@ class Corruption:
         out = image.clone()
         for _ in range(_randint(rng, *self.regions)):
             region = self.region_mask(image.shape[1], image.shape[2], rng).to(image.device)
-            fill = self.fill(image if source is None else source, rng)
+            fill = self.fill(image if source is None else source, rng, image=image)
             opacity = _uniform(rng, *self.opacity)
             out = torch.where(region, opacity * fill + (1 - opacity) * out, out)
         changed = (out != image).any(dim=0, keepdim=True)
@@ -132,10 +137,15 @@ class Corruption:
             region[min(int(centre_y), height - 1), min(int(centre_x), width - 1)] = True
         return region
 
-    def fill(self, source: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-        """A ``3 x H x W`` image of foreign content in [0, 1]."""
+    def fill(
+        self, source: torch.Tensor, rng: torch.Generator, image: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """A ``3 x H x W`` image of foreign content in [0, 1]; a ``warp`` is ``image`` (else ``source``) itself,
+        geometrically distorted."""
         kind = self.fills[_randint(rng, 0, len(self.fills) - 1)]
         _, height, width = source.shape
+        if kind == "warp":
+            return self.warp(source if image is None else image, rng)
         if kind == "image":  # another place of the source image
             shift = (
                 (_randint(rng, 1, height - 1), _randint(rng, 1, width - 1))
@@ -153,6 +163,30 @@ class Corruption:
         cells = 2 ** _randint(rng, 2, 5)
         weight = (perlin_noise(height, width, (cells, cells), rng) + 0.7).clamp(0, 1.4) / 1.4
         return torch.lerp(colour, other, weight.to(source)[None])
+
+    def warp(self, image: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        """``image`` resampled along a smooth random displacement field (Perlin noise per axis, largest shift
+        ``warp_amplitude`` of the longer side): the same material in the wrong shape, as a bent tip, a dented
+        thread or a squeezed edge are, where the other fills bring in foreign content."""
+        _, height, width = image.shape
+        amplitude = _uniform(rng, *self.warp_amplitude) * max(height, width)
+        cells = 2 ** _randint(rng, 2, 4)
+        # perlin_noise spans about [-0.7, 0.7]: scaled so that its extremes shift by ``amplitude`` pixels
+        shift_y, shift_x = (
+            amplitude / 0.7 * perlin_noise(height, width, (cells, cells), rng) for _ in range(2)
+        )
+        ys = torch.arange(height, dtype=torch.float32)[:, None] + shift_y
+        xs = torch.arange(width, dtype=torch.float32)[None, :] + shift_x
+        # grid_sample's coordinates: -1 and 1 are the centres of the outer pixels (align_corners=True)
+        grid = torch.stack([2 * xs / max(width - 1, 1) - 1, 2 * ys / max(height - 1, 1) - 1], dim=-1)
+        warped = F.grid_sample(
+            image[None].float(),
+            grid[None].to(image.device),
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=True,
+        )
+        return warped[0].to(image.dtype).clamp(0.0, 1.0)
 
 
 def _uniform(rng: torch.Generator, low: float, high: float) -> float:

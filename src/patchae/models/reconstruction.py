@@ -68,7 +68,7 @@ class EncoderDecoder(nn.Module):
     def __init__(
         self,
         channels: Sequence[int],
-        skips: bool = True,
+        skips: bool | Sequence[int] = True,
         level_modules: Sequence[nn.Module] | None = None,
         encoder: nn.Module | None = None,
         per_image_intensity: bool = False,
@@ -80,7 +80,8 @@ class EncoderDecoder(nn.Module):
             raise PatchAEError(f"model.channels={channels} needs at least two positive widths (levels)")
         if level_modules is not None and len(level_modules) != len(channels):
             raise ValueError("one module per level (skips and bottleneck) is needed")
-        self.channels, self.skips = channels, bool(skips)
+        self.channels = channels
+        self.skip_levels = skip_levels(skips, len(channels))
         self.pretrained = encoder
         levels = 1 if encoder is not None else len(channels)
         self.encoder = nn.ModuleList(
@@ -88,7 +89,7 @@ class EncoderDecoder(nn.Module):
             for i in range(levels)
         )
         self.level_modules = nn.ModuleList(level_modules or [nn.Identity() for _ in channels])
-        skip_width = channels if self.skips else [0] * len(channels)
+        skip_width = [c if i in self.skip_levels else 0 for i, c in enumerate(channels)]
         self.decoder = nn.ModuleList(
             conv_block(channels[i + 1] + skip_width[i], channels[i]) for i in range(len(channels) - 1)
         )
@@ -130,10 +131,28 @@ class EncoderDecoder(nn.Module):
         x = self.level_modules[-1](features[-1])
         for i in reversed(range(len(self.decoder))):
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-            if self.skips:
+            if i in self.skip_levels:
                 x = torch.cat([x, self.level_modules[i](features[i])], dim=1)
             x = self.decoder[i](x)
         return self.head(x)
+
+
+def skip_levels(skips: bool | Sequence[int], levels: int) -> frozenset[int]:
+    """The levels whose encoder features skip to the decoder: all but the bottleneck (``True``), none
+    (``False``) or the listed ones (0 = full resolution)."""
+    if isinstance(skips, bool):
+        return frozenset(range(levels - 1) if skips else ())
+    try:
+        chosen = frozenset(int(level) for level in skips)
+    except (TypeError, ValueError):
+        chosen = None
+    if chosen is None or not chosen <= set(range(levels - 1)):
+        raise PatchAEError(
+            f"model.skips={skips!r} must be true, false or a list of levels from 0 (full resolution) to "
+            f"{levels - 2} (the bottleneck, level {levels - 1}, has none), e.g. "
+            f"model.skips=[{max(levels - 3, 0)},{levels - 2}]"
+        )
+    return chosen
 
 
 def squared_error_map(images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:

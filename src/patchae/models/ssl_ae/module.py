@@ -36,7 +36,7 @@ class SSLAEModule(ReconstructionModule):
     def __init__(
         self,
         channels: Sequence[int] = (16, 32, 64, 128, 256),
-        skips: bool = True,
+        skips: bool | Sequence[int] = True,
         corruption: dict[str, Any] | None = None,
         lr: float = 1e-3,
         lr_schedule: str = "constant",

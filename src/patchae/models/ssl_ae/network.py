@@ -16,13 +16,14 @@ from patchae.models.reconstruction import EncoderDecoder
 
 
 class SSLAutoencoder(EncoderDecoder):
-    """The denoising autoencoder; ``skips=False`` makes it a plain bottleneck autoencoder, ``encoder`` (a
+    """The denoising autoencoder; ``skips=False`` makes it a plain bottleneck autoencoder, a list of levels keeps
+    only those skips (e.g. ``[2, 3]``: none finer than stride 4), ``encoder`` (a
     :func:`patchae.models.reconstruction.pretrained_encoder`) replaces levels 1 and deeper."""
 
     def __init__(
         self,
         channels: Sequence[int] = (16, 32, 64, 128, 256),
-        skips: bool = True,
+        skips: bool | Sequence[int] = True,
         encoder: nn.Module | None = None,
         per_image_intensity: bool = False,
     ) -> None:
