@@ -67,13 +67,27 @@ def test_standardised_map_has_zero_mean_unit_std_on_the_fitting_images():
 def test_corrupted_input_is_deterministic():
     model = SSLAEModule(channels=CHANNELS, seed=3)
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    (first, _), (again, _), (later, _) = (
+    (first, _, mask), (again, _, _), (later, _, _) = (
         model.corrupt(images, 5),
         model.corrupt(images, 5),
         model.corrupt(images, 6),
     )
     assert torch.equal(first, again) and not torch.equal(first, later)
     assert not torch.equal(first, images) and first.shape == images.shape
+    assert mask.shape == (3, 1, 32, 32) and 0 < float(mask.mean()) < 1
+
+
+def test_region_weight_weighs_the_corrupted_pixels():
+    outputs, targets = torch.zeros(1, 3, 4, 4), torch.ones(1, 3, 4, 4)
+    targets[..., :2, :] = 3.0  # error 9 on the top half, 1 on the bottom half
+    masks = torch.zeros(1, 1, 4, 4)
+    masks[..., :2, :] = 1.0
+    plain = SSLAEModule(channels=CHANNELS).reconstruction_loss(outputs, targets, masks)
+    assert torch.isclose(plain, torch.nn.functional.mse_loss(outputs, targets))  # 5
+    weighted = SSLAEModule(channels=CHANNELS, region_weight=3.0).reconstruction_loss(outputs, targets, masks)
+    assert torch.isclose(weighted, torch.tensor((3 * 9 + 1) / 4))
+    with pytest.raises(PatchAEError, match="model.region_weight=0.0 must be positive"):
+        SSLAEModule(channels=CHANNELS, region_weight=0.0)
 
 
 @pytest.mark.parametrize("noise_in_target", [True, False])

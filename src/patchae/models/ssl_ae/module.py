@@ -6,11 +6,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from patchae.data.corruption import Corruption
 from patchae.data.datamodule import seeded_generator
 from patchae.data.lighting import LightingJitter
+from patchae.errors import PatchAEError
 from patchae.models.base import ReconstructionModule
 from patchae.models.ssl_ae.network import SSLAutoencoder
 from patchae.models.ssl_ae.torch_model import SSLAEModel
@@ -38,6 +38,7 @@ class SSLAEModule(ReconstructionModule):
         channels: Sequence[int] = (16, 32, 64, 128, 256),
         skips: bool | Sequence[int] = True,
         corruption: dict[str, Any] | None = None,
+        region_weight: float = 1.0,
         lr: float = 1e-3,
         lr_schedule: str = "constant",
         weight_decay: float = 0.0,
@@ -55,6 +56,10 @@ class SSLAEModule(ReconstructionModule):
     ) -> None:
         super().__init__(scoring=scoring, threshold=threshold, preprocessing=preprocessing)
         self.save_hyperparameters()
+        if not region_weight > 0:
+            raise PatchAEError(
+                f"model.region_weight={region_weight} must be positive (1: plain mean squared error)"
+            )
         self.corruption = Corruption(**(corruption or {}))
         self.lighting = LightingJitter(**(lighting or {}))
         network = SSLAutoencoder(
@@ -65,10 +70,10 @@ class SSLAEModule(ReconstructionModule):
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
-    def corrupt(self, images: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(inputs, targets)`` of a (normalised) batch: each image corrupted, and what the model is to give
-        back (:meth:`patchae.data.corruption.Corruption.training_pair`); fills of kind ``image`` copy from the
-        next image of the batch. Drawn from ``(seed, step, index)``: the same every run."""
+    def corrupt(self, images: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(inputs, targets, masks)`` of a (normalised) batch: each image corrupted, what the model is to give
+        back and the corrupted pixels (:meth:`patchae.data.corruption.Corruption.training_pair`); fills of kind
+        ``image`` copy from the next image of the batch. Drawn from ``(seed, step, index)``: the same every run."""
         unit = images * self.pixel_std + self.pixel_mean
         pairs = [
             self.corruption.training_pair(
@@ -76,20 +81,31 @@ class SSLAEModule(ReconstructionModule):
             )
             for i in range(len(unit))
         ]
-        inputs, targets = (torch.stack([pair[k] for pair in pairs]) for k in (0, 1))
-        return (inputs - self.pixel_mean) / self.pixel_std, (targets - self.pixel_mean) / self.pixel_std
+        inputs, targets, masks = (torch.stack([pair[k] for pair in pairs]) for k in (0, 1, 2))
+        return (
+            (inputs - self.pixel_mean) / self.pixel_std,
+            (targets - self.pixel_mean) / self.pixel_std,
+            masks,
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images = batch["image"]
         network = self.model.network
         network.check_input(images)
         lit = self.vary_lighting(images, self.lighting, self.hparams.seed, self.global_step)
-        inputs, targets = self.corrupt(lit, self.global_step)
+        inputs, targets, masks = self.corrupt(lit, self.global_step)
         # The target in the input's intensity frame: what error_terms compares at test time.
         inputs, targets = network.standardize(inputs), network.standardize(targets, reference=inputs)
-        loss = F.mse_loss(network(inputs), targets)
+        loss = self.reconstruction_loss(network(inputs), targets, masks)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
         return loss
+
+    def reconstruction_loss(
+        self, outputs: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean squared error with the corrupted pixels weighted ``region_weight`` times the others (1: plain MSE)."""
+        weights = 1.0 + (self.hparams.region_weight - 1.0) * masks
+        return ((outputs - targets).pow(2) * weights).sum() / (weights.sum() * outputs.shape[1])
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.Adam(self.parameter_groups(), weight_decay=self.hparams.weight_decay)
