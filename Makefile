@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-inference bench-coreset bench-speed bench-draem bench-serve bench-gpu bench-table clean
+.PHONY: install demo test lint bench bench-inference bench-coreset bench-speed bench-draem bench-serve bench-gpu bench-gpu-reconstruction bench-table clean
 
 $(INSTALLED): requirements.txt pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -95,6 +95,19 @@ bench-serve: install
 GPU_ARGS ?= root=../shared/data/mvtec_ad category=bottle
 bench-gpu: install
 	$(PYTHON) -m patchae.benchmarks.gpu $(GPU_ARGS)
+
+# `make bench-gpu-reconstruction`: issue 17's GPU check, for a machine lent for minutes: SSL-AE and DAAD at paper size
+# (`ssl_ae_paper`, `daad_paper`, GPU trainer) on bottle and screw, seed 0, each fit stopped after GPU_MINUTES minutes
+# (the configs' 200 epochs need more than a loan), then one table, multirun/gpu_reconstruction/benchmark.md.
+GPU_MINUTES ?= 2
+GPU_TRAINER ?= gpu
+GPU_OUT ?= multirun/gpu_reconstruction
+bench-gpu-reconstruction: install
+	for model in ssl_ae daad; do \
+	  $(PYTHON) -m patchae.benchmarks.accuracy run --seeds 1 --skip-finished --models $$model --categories bottle --out $(GPU_OUT)/$${model}_bottle data.root=$(TABLE_DATA)/mvtec_ad experiment=$${model}_paper trainer=$(GPU_TRAINER) seed=0 '+trainer.max_time={minutes:$(GPU_MINUTES)}' && \
+	  $(PYTHON) -m patchae.benchmarks.accuracy run --seeds 1 --skip-finished --models $$model --categories screw --out $(GPU_OUT)/$${model}_screw data.root=$(TABLE_DATA)/mvtec_ad_image_level experiment=$${model}_paper trainer=$(GPU_TRAINER) seed=0 '+trainer.max_time={minutes:$(GPU_MINUTES)}' || exit 1; \
+	done
+	$(PYTHON) -m patchae.benchmarks.accuracy collect $(GPU_OUT)/ssl_ae_bottle $(GPU_OUT)/ssl_ae_screw $(GPU_OUT)/daad_bottle $(GPU_OUT)/daad_screw --out $(GPU_OUT)
 
 clean:
 	rm -rf outputs multirun data/synthetic .pytest_cache
