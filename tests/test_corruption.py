@@ -111,5 +111,7 @@ def test_warp_moves_the_images_own_content_within_the_amplitude():
     inside = mask[0].bool()
     assert inside.sum() > 0 and torch.equal(inside, (out != ramp).any(dim=0))
     largest_step = 0.05 * 64 / 63  # 3.2 pixels of a ramp that rises 1/63 per pixel
-    assert float((out - ramp)[:, inside].abs().max()) <= largest_step + 1e-5
+    assert (
+        float((out - ramp)[:, inside].abs().max()) <= 1.02 * largest_step
+    )  # Perlin noise peaks at 0.707, not 0.7
     assert float((out - ramp)[:, inside].abs().max()) > 0.2 * largest_step  # it did move

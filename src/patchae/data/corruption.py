@@ -2,7 +2,8 @@
 
 Between ``regions`` regions of varied shape (rectangle, ellipse, Perlin-noise blob) and size are replaced by a
 fill (a shifted region of another training image, a procedural texture, i.i.d. noise, a flat colour or, as an
-option, the image itself smoothly warped) blended in at a random opacity; the task mixes segmentation (where is the corruption) and inpainting (what was there).
+option, the image itself smoothly warped) blended in at a random opacity; the task mixes segmentation (where is
+the corruption) and inpainting (what was there).
 Then i.i.d. Gaussian noise of ``noise_std`` is added to the whole image and clipped to [0, 1]. The mask is exactly
 the pixels the regions changed; the noise touches every pixel and is not in it.
 
@@ -40,7 +41,7 @@ class Corruption:
         shapes, fills: the kinds to draw from, each region uniformly.
         opacity: weight of the fill against the original inside a region (uniform in the range; 1 = replaced).
         warp_amplitude: largest displacement of a ``warp`` fill as a fraction of the image's longer side
-            (uniform in the range).
+            (uniform in the range; reached to within 1 %).
         noise_std: standard deviation of the i.i.d. Gaussian noise over the whole image (0 = none).
         noise_in_target: the training target keeps the input's noise outside the corrupted regions (the
             follow-up's), else it is the clean image everywhere.
@@ -171,7 +172,7 @@ class Corruption:
         _, height, width = image.shape
         amplitude = _uniform(rng, *self.warp_amplitude) * max(height, width)
         cells = 2 ** _randint(rng, 2, 4)
-        # perlin_noise spans about [-0.7, 0.7]: scaled so that its extremes shift by ``amplitude`` pixels
+        # perlin_noise spans about [-0.7, 0.7] (at most +-0.707): its extremes shift by about ``amplitude`` pixels
         shift_y, shift_x = (
             amplitude / 0.7 * perlin_noise(height, width, (cells, cells), rng) for _ in range(2)
         )
