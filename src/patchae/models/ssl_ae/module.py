@@ -12,6 +12,7 @@ from patchae.data.datamodule import seeded_generator
 from patchae.data.lighting import LightingJitter
 from patchae.errors import PatchAEError
 from patchae.models.base import ReconstructionModule
+from patchae.models.reconstruction import squared_error_map
 from patchae.models.ssl_ae.network import SSLAutoencoder
 from patchae.models.ssl_ae.torch_model import SSLAEModel
 
@@ -103,9 +104,10 @@ class SSLAEModule(ReconstructionModule):
     def reconstruction_loss(
         self, outputs: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor
     ) -> torch.Tensor:
-        """Mean squared error with the corrupted pixels weighted ``region_weight`` times the others (1: plain MSE)."""
-        weights = 1.0 + (self.hparams.region_weight - 1.0) * masks
-        return ((outputs - targets).pow(2) * weights).sum() / (weights.sum() * outputs.shape[1])
+        """The weighted mean of the squared-error map the scorer uses, the corrupted pixels weighted
+        ``region_weight`` times the others (1: plain mean squared error)."""
+        weights = 1.0 + (self.hparams.region_weight - 1.0) * masks[:, 0]
+        return (squared_error_map(targets, outputs) * weights).sum() / weights.sum()
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.Adam(self.parameter_groups(), weight_decay=self.hparams.weight_decay)
