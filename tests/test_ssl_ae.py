@@ -21,6 +21,29 @@ def test_shapes():
     assert torch.allclose(scores, maps.flatten(1).amax(dim=1))
 
 
+def test_channels_last_order_changes_neither_the_output_nor_the_gradients(monkeypatch):
+    """The network runs in NHWC order for speed; in NCHW it must compute the same function."""
+    torch.manual_seed(0)
+    network = SSLAEModule(channels=CHANNELS, per_image_intensity=True).model.network
+    images = torch.randn(2, 3, 32, 32)
+
+    def output_and_gradients():
+        network.zero_grad()
+        output = network(images)
+        output.pow(2).mean().backward()
+        return output.detach(), [p.grad.clone() for p in network.parameters()]
+
+    assert network.channels_last
+    output, gradients = output_and_gradients()
+    assert output.is_contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(network, "channels_last", False)
+    reference, reference_gradients = output_and_gradients()
+    assert reference.is_contiguous()
+    torch.testing.assert_close(output, reference, rtol=1e-4, atol=1e-5)
+    for gradient, expected in zip(gradients, reference_gradients, strict=True):
+        torch.testing.assert_close(gradient, expected, rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize(("skips", "kept"), [(True, {0, 1}), (False, set()), ([1], {1})])
 def test_skips_keep_only_the_chosen_levels(skips, kept):
     network = SSLAEModule(channels=CHANNELS, skips=skips).model.network

@@ -65,6 +65,9 @@ class EncoderDecoder(nn.Module):
     (:meth:`standardize`), so that a global change of brightness or contrast changes neither the reconstruction
     nor the error."""
 
+    # Run the convolutions in NHWC (channels_last) order: a subclass sets it where it was measured to pay.
+    channels_last = False
+
     def __init__(
         self,
         channels: Sequence[int],
@@ -122,6 +125,8 @@ class EncoderDecoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = []
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         x = images
         for block in self.encoder:
             x = block(x)
