@@ -102,10 +102,12 @@ bench-gpu: install
 GPU_MINUTES ?= 2
 GPU_TRAINER ?= gpu
 GPU_OUT ?= multirun/gpu_reconstruction
+GPU_RUN = $(PYTHON) -m patchae.benchmarks.accuracy run --seeds 1 --skip-finished
+GPU_FIT = trainer=$(GPU_TRAINER) seed=0 '+trainer.max_time={minutes:$(GPU_MINUTES)}'
 bench-gpu-reconstruction: install
 	for model in ssl_ae daad; do \
-	  $(PYTHON) -m patchae.benchmarks.accuracy run --seeds 1 --skip-finished --models $$model --categories bottle --out $(GPU_OUT)/$${model}_bottle data.root=$(TABLE_DATA)/mvtec_ad experiment=$${model}_paper trainer=$(GPU_TRAINER) seed=0 '+trainer.max_time={minutes:$(GPU_MINUTES)}' && \
-	  $(PYTHON) -m patchae.benchmarks.accuracy run --seeds 1 --skip-finished --models $$model --categories screw --out $(GPU_OUT)/$${model}_screw data.root=$(TABLE_DATA)/mvtec_ad_image_level experiment=$${model}_paper trainer=$(GPU_TRAINER) seed=0 '+trainer.max_time={minutes:$(GPU_MINUTES)}' || exit 1; \
+	  $(GPU_RUN) --models $$model --categories bottle --out $(GPU_OUT)/$${model}_bottle data.root=$(TABLE_DATA)/mvtec_ad experiment=$${model}_paper $(GPU_FIT) && \
+	  $(GPU_RUN) --models $$model --categories screw --out $(GPU_OUT)/$${model}_screw data.root=$(TABLE_DATA)/mvtec_ad_image_level experiment=$${model}_paper $(GPU_FIT) || exit 1; \
 	done
 	$(PYTHON) -m patchae.benchmarks.accuracy collect $(GPU_OUT)/ssl_ae_bottle $(GPU_OUT)/ssl_ae_screw $(GPU_OUT)/daad_bottle $(GPU_OUT)/daad_screw --out $(GPU_OUT)
 
