@@ -141,6 +141,14 @@ def test_cosine_schedule_brings_the_rate_to_zero_at_the_end_of_the_fit(name, tmp
     assert run.results["image_auroc"] > 0.8  # still a detector
 
 
+def test_bf16_mixed_precision_trains_validates_and_tests(tmp_path):
+    """trainer.precision=bf16-mixed (SSL-AE's CPU setting on CPUs with native bf16) runs through validation and
+    test (their maps once came out in bf16, which NumPy cannot read) and still detects."""
+    run = train_tiny(tmp_path, "model=ssl_ae", "trainer.precision=bf16-mixed", *TINY_RECONSTRUCTION[:2])
+    assert run.results["image_auroc"] > 0.8
+    assert run.results["val_image_auroc"] > 0.5
+
+
 def test_unknown_schedule_says_which_exist(tmp_path):
     with pytest.raises(PatchAEError, match="model.lr_schedule='step' is not one of constant, cosine"):
         train_tiny(tmp_path, "model=ssl_ae", "model.lr_schedule=step", *TINY_RECONSTRUCTION)

@@ -130,6 +130,22 @@ def test_cpu_batches_are_scored_a_few_images_at_a_time_with_the_same_results(fit
     assert torch.allclose(maps, whole_maps, atol=1e-5) and torch.allclose(scores, whole_scores, atol=1e-5)
 
 
+@torch.no_grad()
+def test_mixed_precision_scores_in_float32(fitted):
+    """Inside autocast (trainer.precision=bf16-mixed runs validation and test in it) maps and scores stay float32,
+    which the metrics' NumPy can read; a reconstruction model's network runs in float32 for its error (the same
+    maps), a bank model's embedding is rounded to bf16 and only the embedding (maps within 2 %)."""
+    name, model, _, images = fitted
+    maps, scores = model(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed_maps, mixed_scores = model(images)
+    assert mixed_maps.dtype == mixed_scores.dtype == torch.float32
+    tolerance = 1e-5 if name in ("ssl_ae", "daad") else 2e-2
+    scale = float(maps.abs().max())
+    assert (mixed_maps - maps).abs().max() <= tolerance * scale
+    assert (mixed_scores - scores).abs().max() <= tolerance * scale
+
+
 @pytest.mark.parametrize("name", ["patch_ae", "patchcore"])
 @torch.no_grad()
 def test_faiss_and_torch_search_give_the_same_scores(name):

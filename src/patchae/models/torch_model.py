@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from patchae.scoring import BankScorer, StatisticsScorer
+from patchae.scoring.maps import full_precision
 
 # Picks the rows of the training vectors to keep as the bank (a coreset), given all of them.
 Subsample = Callable[[Tensor], Tensor]
@@ -113,6 +114,12 @@ class ReconstructionModel(nn.Module):
         """(B, 3, H, W) images -> (B, T, H, W) error terms (``scorer.term_names``)."""
         raise NotImplementedError
 
+    def full_precision_terms(self, images: Tensor) -> Tensor:
+        """``error_terms`` with the network in float32 even where training runs mixed precision: the error is a
+        small difference of two images, which a bf16 reconstruction (8 bits of mantissa) would round."""
+        with full_precision(images):
+            return self.error_terms(images.float())
+
     @torch.no_grad()
     def fit(
         self,
@@ -121,7 +128,7 @@ class ReconstructionModel(nn.Module):
         scorer: StatisticsScorer | None = None,
     ) -> None:
         """Error statistics of the normal image batches (all their pixels; ``subsample`` is for banks)."""
-        (scorer or self.scorer).fit(self.error_terms(images) for images in batches)
+        (scorer or self.scorer).fit(self.full_precision_terms(images) for images in batches)
 
     def forward(self, images: Tensor, scorer: StatisticsScorer | None = None) -> tuple[Tensor, Tensor]:
         """Anomaly maps (B, H, W) at input resolution and image scores (B,)."""
@@ -129,4 +136,4 @@ class ReconstructionModel(nn.Module):
         scorer.check_fitted()
         if (parts := in_micro_batches(lambda part: self.forward(part, scorer), images)) is not None:
             return parts
-        return scorer(self.error_terms(images))
+        return scorer(self.full_precision_terms(images))

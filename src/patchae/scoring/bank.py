@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from patchae.errors import PatchAEError
 from patchae.memory import MemoryBank, torch_nearest
-from patchae.scoring.maps import anomaly_maps, image_scores, reweighted_image_scores
+from patchae.scoring.maps import anomaly_maps, full_precision, image_scores, reweighted_image_scores
 from patchae.settings import BankSettings, ScoringSettings
 from patchae.tiling import Tiling
 
@@ -133,7 +133,11 @@ class BankScorer(nn.Module):
         return anomaly_maps(self.tiling.stitch(tile_maps, *size), size, sigma)
 
     def forward(self, embedding: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        """Maps (B, H, W) and image scores (B,) of the embedding of a batch of ``size`` inputs."""
+        """Maps (B, H, W) and image scores (B,) of the embedding of a batch of ``size`` inputs, in float32."""
+        with full_precision(embedding):
+            return self.score(embedding.float(), size)
+
+    def score(self, embedding: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         patch = self.patch_scores(embedding)
         maps = self.maps(patch, (int(size[0]), int(size[1])))
         scoring = self.scoring

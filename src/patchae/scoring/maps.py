@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -104,3 +105,10 @@ def reweighted_image_scores(
     distances = torch.linalg.vector_norm(bank[support] - m_test.unsqueeze(1), dim=-1)
     weights = 1.0 - torch.softmax(distances, dim=1)[:, 0]
     return weights * s_star.to(weights.device)
+
+
+def full_precision(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context in which ``tensor``'s device computes in float32 even inside a mixed-precision (autocast)
+    region: a bf16 or fp16 bank distance, blur or reconstruction error rounds small score differences away, and
+    NumPy (the metrics) cannot read bf16 at all. Use with ``tensor.float()``."""
+    return torch.autocast(tensor.device.type, enabled=False)

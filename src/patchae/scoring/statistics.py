@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from patchae.errors import PatchAEError
-from patchae.scoring.maps import anomaly_maps, image_scores
+from patchae.scoring.maps import anomaly_maps, full_precision, image_scores
 from patchae.settings import ScoringSettings
 
 
@@ -81,6 +81,7 @@ class StatisticsScorer(nn.Module):
         return (standard * self.term_weights.view(1, -1, 1, 1)).sum(dim=1)
 
     def forward(self, terms: Tensor) -> tuple[Tensor, Tensor]:
-        """Maps (B, H, W) at the terms' resolution and image scores (B,)."""
-        maps = anomaly_maps(self.standardized(terms), terms.shape[-2:], self.scoring.blur_sigma)
-        return maps, image_scores(maps, self.scoring.image_score, self.scoring.top_k)
+        """Maps (B, H, W) at the terms' resolution and image scores (B,), in float32."""
+        with full_precision(terms):
+            maps = anomaly_maps(self.standardized(terms.float()), terms.shape[-2:], self.scoring.blur_sigma)
+            return maps, image_scores(maps, self.scoring.image_score, self.scoring.top_k)
