@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torchmetrics.functional.classification import binary_auroc
 
 from checkpoint_fixture import train_tiny
+from patchae import train
 from patchae.deploy.export import export_model
 from patchae.deploy.loading import load_model
 from patchae.errors import PatchAEError
@@ -141,12 +143,27 @@ def test_cosine_schedule_brings_the_rate_to_zero_at_the_end_of_the_fit(name, tmp
     assert run.results["image_auroc"] > 0.8  # still a detector
 
 
-def test_bf16_mixed_precision_trains_validates_and_tests(tmp_path):
-    """trainer.precision=bf16-mixed (SSL-AE's CPU setting on CPUs with native bf16) runs through validation and
-    test (their maps once came out in bf16, which NumPy cannot read) and still detects."""
+def test_bf16_mixed_precision_trains_validates_and_tests(tmp_path, monkeypatch):
+    """trainer.precision=bf16-mixed runs through validation and test (their maps once came out in bf16, which
+    NumPy cannot read) and still detects; taken as asked here whatever CPU runs the test."""
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
     run = train_tiny(tmp_path, "model=ssl_ae", "trainer.precision=bf16-mixed", *TINY_RECONSTRUCTION[:2])
+    assert run.results["precision"] == "bf16-mixed"
     assert run.results["image_auroc"] > 0.8
     assert run.results["val_image_auroc"] > 0.5
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_it_in_hardware_trains_in_float32_and_says_so(native, monkeypatch, caplog):
+    """Emulated bf16 would be slower than float32: the run falls back, warns, and its config says what ran."""
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native)
+    cfg = OmegaConf.create({"trainer": {"accelerator": "cpu", "precision": "bf16-mixed"}})
+    train.record_precision(cfg)
+    assert cfg.trainer.precision == ("bf16-mixed" if native else "32-true")
+    assert ("no bf16 in hardware" in caplog.text) is not native
+    gpu = OmegaConf.create({"trainer": {"accelerator": "gpu", "precision": "bf16-mixed"}})
+    train.record_precision(gpu)
+    assert gpu.trainer.precision == "bf16-mixed"  # a GPU's own business
 
 
 def test_unknown_schedule_says_which_exist(tmp_path):
