@@ -8,6 +8,7 @@ import logging
 import shutil
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -398,6 +399,46 @@ def test_augmentation_is_reproducible_per_epoch_and_across_workers(synthetic_roo
     assert not torch.equal(in_process[0], in_process[1])  # new order and new defects every epoch
     for a, b in zip(in_process, with_workers, strict=True):
         assert torch.equal(a, b)
+
+
+def test_decoded_training_images_give_the_same_batches_as_reading_the_files(
+    synthetic_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """data.cache_mb: the training images are decoded once into memory; batches (augmented, over epochs, in the
+    loader's workers too) and the bank's images are exactly those read from disk. Over the budget: read from disk."""
+
+    def batches(cache_mb: float, num_workers: int) -> tuple[list[torch.Tensor], Any]:
+        datamodule = SyntheticDataModule(
+            root=synthetic_root,
+            synthetic_size=64,
+            **{k: v for k, v in SMALL.items() if k != "image_size"},
+            image_size=48,
+            crop_size=40,
+            batch_size=4,
+            num_workers=num_workers,
+            augment=CutPaste(probability=1.0),
+            seed=7,
+            cache_mb=cache_mb,
+        )
+        loader = datamodule.train_dataloader()
+        seen = []
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)
+            seen += [torch.cat([b["image"], b["mask"]], dim=1) for b in loader]
+        seen += [b["image"] for b in datamodule.bank_dataloader()]
+        return seen, loader.dataset.decoded
+
+    from_disk, none = batches(0, 0)
+    assert none is None
+    for cache_mb, workers in ((1024, 0), (1024, 2)):
+        cached, decoded = batches(cache_mb, workers)
+        assert decoded is not None and decoded.pixels.dtype == torch.uint8 and decoded.pixels.is_shared()
+        assert all(torch.equal(a, b) for a, b in zip(from_disk, cached, strict=True))
+    with caplog.at_level(logging.INFO):
+        _, over_budget = batches(0.001, 0)  # 8 images of 3 x 40 x 40 bytes > 1 kB
+    assert over_budget is None and "over data.cache_mb=0.001: read every epoch" in caplog.text
+    with pytest.raises(PatchAEError, match="data.cache_mb must be a number of megabytes >= 0"):
+        SyntheticDataModule(root=synthetic_root, cache_mb=-1)
 
 
 def test_folder_datamodule(user_folders: dict[str, Path]) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from patchae.data.cache import DecodedImages, cache_bytes
 from patchae.data.cutpaste import CutPaste
 from patchae.data.datasets import dataset_spec
 from patchae.data.datasets.folder import folder_samples
@@ -54,12 +55,16 @@ class AnomalyImageDataset(Dataset):
         augment: CutPaste | None = None,
         seed: int = 0,
         tile: int | None = None,
+        decoded: DecodedImages | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.augment = augment
         self.seed = int(seed)
         self.tile = tile  # with data.tiling, training items are one random tile of each image
+        if decoded is not None and len(decoded) != len(self.samples):
+            raise ValueError("the decoded images must be those of the samples, in order")
+        self.decoded = decoded  # the samples' images decoded once (data.cache_mb), else read every time
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
@@ -78,11 +83,15 @@ class AnomalyImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        picture = load_rgb(sample.path)
-        image = self.transform.to_unit_tensor(picture)
+        if self.decoded is not None:
+            pixels, original = self.decoded[index]
+        else:
+            picture = load_rgb(sample.path)
+            pixels, original = self.transform.placed_pixels(picture), (picture.height, picture.width)
+        image = self.transform.unit(pixels)
         if sample.mask_path is not None:
             mask_image = load_sample_mask(sample)
-            check_mask_size(mask_image.size, picture.size, sample)
+            check_mask_size(mask_image.size, (original[1], original[0]), sample)
             mask = self.transform.mask(mask_image)
         else:
             mask = torch.zeros((1, *self.transform.output_shape), dtype=torch.float32)
@@ -102,7 +111,7 @@ class AnomalyImageDataset(Dataset):
             "path": str(sample.path),
             "defect_type": sample.defect_type,
             "index": torch.tensor(index),  # under DDP, to drop the sampler's repeated items when gathering
-            **geometry(self.transform, (picture.height, picture.width)),
+            **geometry(self.transform, original),
         }
 
 
@@ -257,6 +266,7 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         resize_mode: str = "squash",
         tiling: dict | None = None,
         size_multiple: int = 16,
+        cache_mb: float = 1024,
     ) -> None:
         super().__init__()
         if isinstance(holdout_ratio, bool) or not 0.0 <= float(holdout_ratio) < 1.0:
@@ -271,6 +281,13 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         for name, value, minimum in counts:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise PatchAEError(f"data.{name} must be an integer >= {minimum}, got {value!r}")
+        if isinstance(cache_mb, bool) or not isinstance(cache_mb, int | float) or cache_mb < 0:
+            raise PatchAEError(
+                f"data.cache_mb must be a number of megabytes >= 0 (0: no cache), got {cache_mb!r}"
+            )
+        self.cache_mb = float(cache_mb)
+        self._decoded: DecodedImages | None = None
+        self._cache_decided = False
         self.root = Path(root).expanduser()
         self.category = str(category)
         self.tiling = Tiling.from_config(tiling)
@@ -440,7 +457,25 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         self._transform = transform
 
     def _dataset(self, split: str, augment: CutPaste | None) -> AnomalyImageDataset:
-        return AnomalyImageDataset(self._split_samples(split), self.transform, augment, self.seed)
+        decoded = self._decoded_train_images() if split == "train" else None
+        return AnomalyImageDataset(
+            self._split_samples(split), self.transform, augment, self.seed, decoded=decoded
+        )
+
+    def _decoded_train_images(self) -> DecodedImages | None:
+        """The training images decoded once, when they fit in ``data.cache_mb`` (read every epoch otherwise)."""
+        if not self._cache_decided:
+            self._cache_decided = True
+            size = cache_bytes(len(self.train_samples), self.transform)
+            if size <= self.cache_mb * 2**20:
+                self._decoded = DecodedImages(self.train_samples, self.transform)
+            elif self.cache_mb > 0:
+                logger.info(
+                    "the training images take %.0f MB decoded, over data.cache_mb=%g: read every epoch",
+                    size / 2**20,
+                    self.cache_mb,
+                )
+        return self._decoded
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
         return DataLoader(

@@ -131,8 +131,18 @@ class ImageTransform:
 
     def to_unit_tensor(self, image: Image.Image) -> torch.Tensor:
         """PIL RGB image -> float tensor ``3 x H x W`` in [0, 1] (resize, pad, crop; no normalisation)."""
+        return self.unit(self.placed_pixels(image))
+
+    def placed_pixels(self, image: Image.Image) -> torch.Tensor:
+        """PIL RGB image -> uint8 tensor ``3 x H x W``, resized, padded and cropped (what a cache may keep)."""
         pixels = F.to_image(image)  # uint8, 3 x H x W; resized in uint8 like PIL would
-        pixels = self._place(pixels, InterpolationMode.BILINEAR, self._pad_colour())
+        placed = self._place(pixels, InterpolationMode.BILINEAR, self._pad_colour()).as_subclass(torch.Tensor)
+        # Contiguous, as a cached copy is: augmentations then round alike whichever the source.
+        return placed.contiguous()
+
+    @staticmethod
+    def unit(pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels -> float32 in [0, 1]."""
         return F.to_dtype(pixels, torch.float32, scale=True).as_subclass(torch.Tensor)
 
     def normalize(self, tensor: torch.Tensor) -> torch.Tensor:
