@@ -1,9 +1,13 @@
 """Training images decoded once and kept in memory, instead of decoded and resized again every epoch.
 
 On 2 CPU cores decoding is a large part of an epoch at small input sizes: a 900 x 900 bottle PNG takes about 17 ms to
-decode and 1 ms to resize to 128 px, against about 13 ms of SSL-AE's training step per image, and the loader's
+decode and 1 ms to resize to 128 px, against about 11 ms of SSL-AE's training step per image, and the loader's
 workers take those cores from the training step (docs/results.md). What is kept is the uint8 image after resize,
 padding and crop, exactly what the loader would compute, so a run gives the same figures with or without it.
+
+The cache is an ordinary tensor, not one in shared memory: the loader's workers are forked after it is filled and
+read it copy-on-write (a container's /dev/shm is often 64 MB); where workers are spawned instead, torch hands the
+tensor over itself.
 """
 
 from __future__ import annotations
@@ -28,14 +32,11 @@ def cache_bytes(count: int, transform: ImageTransform) -> int:
 
 
 class DecodedImages:
-    """The images of ``samples`` placed by ``transform`` (uint8, in shared memory so that the loader's workers
-    read them without a copy), with each file's original ``(H, W)``."""
+    """The images of ``samples`` placed by ``transform`` (uint8), with each file's original ``(H, W)``."""
 
     def __init__(self, samples: Sequence[Sample], transform: ImageTransform) -> None:
         started = time.perf_counter()
-        self.pixels = torch.empty(
-            (len(samples), 3, *transform.output_shape), dtype=torch.uint8
-        ).share_memory_()
+        self.pixels = torch.empty((len(samples), 3, *transform.output_shape), dtype=torch.uint8)
         self.sizes: list[tuple[int, int]] = []
         for index, sample in enumerate(samples):
             picture = load_rgb(sample.path)
