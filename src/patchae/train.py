@@ -82,16 +82,16 @@ def record_geometry(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this x86 CPU computes bfloat16 in hardware (AVX512-BF16 or AMX). Elsewhere oneDNN emulates
-    bf16 convolutions, slower than float32."""
+    bf16 convolutions, which is usually slower than float32."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
 
 
 def record_precision(cfg: DictConfig) -> None:
-    """``trainer.precision=bf16-mixed`` trains on the CPU only where the CPU has bf16 in hardware (SSL-AE's CPU
-    setting asks for it: about 0.8x the fit time on an AMD EPYC with AVX512-BF16); elsewhere it would be slower
-    than float32, so the run trains in 32-true, says so and records it in its config. Scoring is float32 either
-    way (:func:`patchae.scoring.maps.full_precision`)."""
+    """``trainer.precision=bf16-mixed`` trains on the CPU only where the CPU has bf16 in hardware (there an
+    SSL-AE fit took 0.95x the time of float32 on an AMD EPYC with AVX512-BF16; docs/results.md); elsewhere the run
+    trains in 32-true, says so and records it in its config. Scoring is float32 either way
+    (:func:`patchae.scoring.maps.full_precision`)."""
     precision = str(cfg.trainer.get("precision"))
     on_cpu = cfg.trainer.get("accelerator") == "cpu" or (
         cfg.trainer.get("accelerator") == "auto"
@@ -100,8 +100,8 @@ def record_precision(cfg: DictConfig) -> None:
     )
     if precision.startswith("bf16") and on_cpu and not cpu_has_native_bf16():
         log.warning(
-            "trainer.precision=%s: this CPU has no bf16 in hardware (AVX512-BF16 or AMX), where float32 is "
-            "faster; training in 32-true",
+            "trainer.precision=%s: this CPU has no bf16 in hardware (AVX512-BF16 or AMX) and would emulate it, "
+            "usually slower than float32; training in 32-true",
             precision,
         )
         cfg.trainer.precision = "32-true"

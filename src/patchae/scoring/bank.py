@@ -138,6 +138,7 @@ class BankScorer(nn.Module):
             return self.score(embedding.float(), size)
 
     def score(self, embedding: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` in the precision of ``embedding``."""
         patch = self.patch_scores(embedding)
         maps = self.maps(patch, (int(size[0]), int(size[1])))
         scoring = self.scoring
