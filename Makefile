@@ -35,7 +35,8 @@ bench: install
 # `make bench-table`: the README's results table in one command: Patch AE and PatchCore (EfficientNet-Lite0), SSL-AE and
 # DAAD (their CPU experiments) on bottle and screw, 3 seeds each, and anomalib's DRAEM given 3 and 10 CPU minutes (DAAD's
 # fit time and SSL-AE's at 100 epochs), collected into one table, multirun/readme_table/benchmark.md (about 4 h 5 min on
-# 2 cores, summed from the rows' measured runs; not yet run end to end in one go). Installs the `bench` extra (anomalib).
+# 2 cores, summed from the rows' measured runs before the training images were decoded once, which shortens the fits;
+# not yet run end to end in one go). Installs the `bench` extra (anomalib).
 TABLE_DATA ?= ../shared/data
 TABLE_OUT ?= multirun/readme_table
 TABLE_RUN = $(PYTHON) -m patchae.benchmarks.accuracy run --seeds 3 --skip-finished
