@@ -375,25 +375,33 @@ def _unbatch(batch: dict) -> list[dict]:
     return [{key: value[i] for key, value in batch.items()} for i in range(len(batch["path"]))]
 
 
+def augmented_datamodule(synthetic_root: Path, **settings: Any) -> SyntheticDataModule:
+    """8 synthetic 48 px training images in batches of 4, each given a CutPaste defect (seed 7)."""
+    return SyntheticDataModule(
+        root=synthetic_root,
+        synthetic_size=64,
+        **{k: v for k, v in SMALL.items() if k != "image_size"},
+        image_size=48,
+        batch_size=4,
+        augment=CutPaste(probability=1.0),
+        seed=7,
+        **settings,
+    )
+
+
+def two_epochs(loader: torch.utils.data.DataLoader) -> list[list[dict]]:
+    """The batches of two training epochs, as Lightning would run them."""
+    epochs = []
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)  # what Lightning does before each epoch
+        epochs.append(list(loader))
+    return epochs
+
+
 def test_augmentation_is_reproducible_per_epoch_and_across_workers(synthetic_root: Path) -> None:
     def run(num_workers: int) -> list[torch.Tensor]:
-        datamodule = SyntheticDataModule(
-            root=synthetic_root,
-            synthetic_size=64,
-            **{k: v for k, v in SMALL.items() if k != "image_size"},
-            image_size=48,
-            crop_size=None,
-            batch_size=4,
-            num_workers=num_workers,
-            augment=CutPaste(probability=1.0),
-            seed=7,
-        )
-        loader = datamodule.train_dataloader()
-        epochs = []
-        for epoch in range(2):
-            loader.sampler.set_epoch(epoch)  # what Lightning does before each epoch
-            epochs.append(torch.cat([b["image"] for b in loader]))
-        return epochs
+        datamodule = augmented_datamodule(synthetic_root, crop_size=None, num_workers=num_workers)
+        return [torch.cat([b["image"] for b in epoch]) for epoch in two_epochs(datamodule.train_dataloader())]
 
     in_process, with_workers = run(0), run(2)
     assert not torch.equal(in_process[0], in_process[1])  # new order and new defects every epoch
@@ -408,23 +416,11 @@ def test_decoded_training_images_give_the_same_batches_as_reading_the_files(
     loader's workers too) and the bank's images are exactly those read from disk. Over the budget: read from disk."""
 
     def batches(cache_mb: float, num_workers: int) -> tuple[list[torch.Tensor], Any]:
-        datamodule = SyntheticDataModule(
-            root=synthetic_root,
-            synthetic_size=64,
-            **{k: v for k, v in SMALL.items() if k != "image_size"},
-            image_size=48,
-            crop_size=40,
-            batch_size=4,
-            num_workers=num_workers,
-            augment=CutPaste(probability=1.0),
-            seed=7,
-            cache_mb=cache_mb,
+        datamodule = augmented_datamodule(
+            synthetic_root, crop_size=40, num_workers=num_workers, cache_mb=cache_mb
         )
         loader = datamodule.train_dataloader()
-        seen = []
-        for epoch in range(2):
-            loader.sampler.set_epoch(epoch)
-            seen += [torch.cat([b["image"], b["mask"]], dim=1) for b in loader]
+        seen = [torch.cat([b["image"], b["mask"]], dim=1) for epoch in two_epochs(loader) for b in epoch]
         seen += [b["image"] for b in datamodule.bank_dataloader()]
         return seen, loader.dataset.decoded
 
