@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from patchae.data.corruption import FILLS, SHAPES, Corruption
+from patchae.data.corruption import FILLS, SHAPES, Corruption, foreground_mask
 from patchae.errors import PatchAEError
 
 
@@ -92,6 +92,7 @@ def test_region_count_and_size_follow_the_settings():
         ),
         ({"noise_std": 1.5}, "corruption.noise_std=1.5 must be in [0, 1)"),
         ({"regions": "x"}, "corruption.regions='x' must be two numbers [low, high]"),
+        ({"placement": "object"}, "corruption.placement='object' must be one of uniform, foreground"),
     ],
 )
 def test_bad_settings_say_what_to_change(settings, message):
@@ -113,3 +114,41 @@ def test_warp_moves_the_images_own_content_within_the_amplitude():
     largest_step = 0.05 * 64 / 63  # 3.2 pixels of a ramp that rises 1/63 per pixel
     moved = float((out - ramp)[:, inside].abs().max())
     assert 0.2 * largest_step < moved <= 1.02 * largest_step  # Perlin noise peaks at 0.707, not 0.7
+
+
+def object_on_plain_background(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A light background with a dark bar across a tenth of it, as a screw lies on its table; and the bar."""
+    image = torch.full((3, size, size), 0.8)
+    bar = torch.zeros(size, size, dtype=torch.bool)
+    bar[size // 2 - 3 : size // 2 + 3, 8:-8] = True
+    image[:, bar] = 0.3
+    return image, bar
+
+
+def test_foreground_mask_finds_the_object_and_nothing_on_a_plain_image():
+    image, bar = object_on_plain_background()
+    assert torch.equal(foreground_mask(image), bar)
+    assert not foreground_mask(torch.full((3, 32, 32), 0.6)).any()
+
+
+def test_foreground_placement_puts_the_regions_on_the_object():
+    image, bar = object_on_plain_background()
+    near_bar = torch.nn.functional.max_pool2d(bar[None, None].float(), 9, stride=1, padding=4)[0, 0].bool()
+
+    def share_near_bar(placement: str) -> float:
+        corruption = Corruption(regions=(1, 1), area_ratio=(0.002, 0.01), placement=placement, noise_std=0.0)
+        masks = [
+            corruption(image, torch.Generator().manual_seed(seed), source=picture(seed, 64))[1][0].bool()
+            for seed in range(60)
+        ]
+        return float(sum((m & near_bar).sum() for m in masks) / sum(m.sum() for m in masks))
+
+    # the bar and its 4-pixel surround are about a fifth of the image: uniform centres hit it about that often
+    assert share_near_bar("uniform") < 0.4
+    assert share_near_bar("foreground") > 0.9
+
+
+def test_foreground_placement_falls_back_to_uniform_without_an_object():
+    plain = torch.full((3, 48, 48), 0.6)
+    out, mask = Corruption(placement="foreground", noise_std=0.0)(plain, torch.Generator().manual_seed(1))
+    assert mask.sum() > 0 and torch.equal(mask[0].bool(), (out != plain).any(dim=0))
