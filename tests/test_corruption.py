@@ -117,7 +117,7 @@ def test_warp_moves_the_images_own_content_within_the_amplitude():
 
 
 def object_on_plain_background(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """A light background with a dark bar across a tenth of it, as a screw lies on its table; and the bar."""
+    """A light background with a dark bar over 7 % of it, as a screw lies on its table; and the bar."""
     image = torch.full((3, size, size), 0.8)
     bar = torch.zeros(size, size, dtype=torch.bool)
     bar[size // 2 - 3 : size // 2 + 3, 8:-8] = True
