@@ -55,3 +55,12 @@ def test_a_directory_that_is_no_run_is_a_one_line_error(tmp_path, capsys):
     assert exit_info.value.code == 1
     error = capsys.readouterr().err
     assert "is not a finished run" in error and len(error.strip().splitlines()) == 1
+
+
+def test_model_settings_and_validation_placement_reach_every_row(run_dir):
+    directory, results = run_dir
+    config = RescoreConfig(runs=[str(directory)], model={"inpaint_cells": [4]}, val_placement="foreground")
+    (row,) = rescore(config)["rows"]
+    assert row["model"] == {"inpaint_cells": [4]} and row["val_placement"] == "foreground"
+    # The inpainted reconstruction is another map than the run's own.
+    assert row["test_pixel_auroc"] != pytest.approx(results["pixel_auroc"], abs=1e-6)

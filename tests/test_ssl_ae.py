@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+from torch import nn
 
 from patchae.data.corruption import Corruption
 from patchae.errors import PatchAEError
 from patchae.models import SSLAEModule
+from patchae.models.reconstruction import inpainted
 
 CHANNELS = (4, 8, 16)
 
@@ -158,3 +160,34 @@ def test_pretrained_encoder_option():
         "model.encoder_layers=[2, 3] of tf_efficientnet_lite0 are at strides [8, 16]; the encoder needs "
         "consecutive stages at strides 2, 4, 8, ..., e.g. model.encoder_layers=[0,1,2,3]"
     )
+
+
+def test_inpainting_takes_every_pixel_from_the_pass_that_hid_it() -> None:
+    images = torch.randn(2, 3, 24, 40, generator=torch.Generator().manual_seed(0))
+    # The identity gives back its input: with each pixel hidden when it is taken, only the fill comes back.
+    rebuilt = inpainted(nn.Identity(), images, cell=4, grid=3)
+    assert torch.equal(rebuilt, images.mean(dim=(2, 3), keepdim=True).expand_as(images))
+    # A network that sees one pixel to each side: a pixel in the middle of its cell gets only hidden neighbours.
+    blur = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+    rebuilt = inpainted(blur, images, cell=4, grid=2)
+    assert torch.allclose(rebuilt[..., 1:3, 1:3], images.mean(dim=(2, 3), keepdim=True).expand(2, 3, 2, 2))
+
+
+def test_inpainting_scores_a_defect_the_plain_reconstruction_passes_through() -> None:
+    # An SSL-AE network that is the identity hides every defect from the papers' map; hidden cells expose it.
+    model = SSLAEModule(channels=CHANNELS, inpaint_cells=[4], inpaint_grid=2).eval()
+    model.model.network.forward = lambda x: x  # a perfect copier, the failure the option is for
+    image = torch.zeros(1, 3, 32, 32)
+    defective = image.clone()
+    defective[..., 12:16, 12:16] = 3.0
+    errors = model.model.error_terms(torch.cat([image, defective]))
+    assert errors[0].abs().max() == 0 and errors[1, 0, 12:16, 12:16].min() > 1.0
+    plain = SSLAEModule(channels=CHANNELS).eval()
+    plain.model.network.forward = lambda x: x
+    assert plain.model.error_terms(defective).abs().max() == 0
+
+
+@pytest.mark.parametrize("cells, grid", [([0], 3), (8, 3), ([8.5], 3), ([8], 1), ([8], True)])
+def test_bad_inpainting_settings_say_what_to_use(cells, grid) -> None:
+    with pytest.raises(PatchAEError, match=r"model.inpaint_cells=.* must be a list of cell sides in pixels"):
+        SSLAEModule(channels=CHANNELS, inpaint_cells=cells, inpaint_grid=grid)

@@ -10,6 +10,11 @@ weights would report: the test split as in testing, and validation as in trainin
 synthetic defects, scored against the statistics or bank of the validation bank's images, fitted with these
 weights). Without retraining, a setting can then be chosen on validation alone, across seeds: the table's mean
 rows. An empty list keeps the run's own setting.
+
+``model`` replaces model settings by name for every row, e.g. ``'model={inpaint_cells:[8,16]}'`` (SSL-AE scored by
+inpainting); ``val_placement=foreground`` puts validation's synthetic defects on the object (``validation.placement``).
+Statistics a reconstruction model keeps of its normal errors are not refitted: for a single error term (SSL-AE)
+they rescale the map and leave every AUROC and AUPRO as a refitted run would give them.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ class RescoreConfig:
     blur_sigmas: list[float] = field(default_factory=list)  # empty: each run's own scoring.blur_sigma
     image_scores: list[str] = field(default_factory=list)  # max | topk | reweight; empty: each run's own
     top_k: float | None = None  # topk's share of pixels; empty: each run's own
+    model: dict[str, Any] = field(
+        default_factory=dict
+    )  # model settings replaced by name (load_model's overrides)
+    val_placement: str | None = None  # uniform | foreground (validation.placement); empty: each run's own
     output: str | None = None  # a .json file for the results
 
 
@@ -77,17 +86,21 @@ def rescore(cfg: RescoreConfig) -> dict[str, Any]:
     rows = []
     for run in cfg.runs:
         run_dir = Path(run)
-        datamodule = build_datamodule(run_config(run_dir))
+        config = run_config(run_dir)
+        if cfg.val_placement is not None:
+            config.data.val_placement = cfg.val_placement
+        datamodule = build_datamodule(config)
         datamodule.setup("test")
         if not datamodule.has_validation:
             raise PatchAEError(
                 f"{run_dir} kept no held-out images (data.holdout_ratio=0): no validation to rescore"
             )
         for sigma, method in itertools.product(cfg.blur_sigmas or [None], cfg.image_scores or [None]):
-            settings = {"blur_sigma": sigma, "image_score": method, "top_k": cfg.top_k}
+            settings = {**cfg.model, "blur_sigma": sigma, "image_score": method, "top_k": cfg.top_k}
             module = load_model(run_dir / "model.ckpt", fold_batchnorm=False, **settings)
             scoring = module.model.scorer.scoring
             row = {"run": str(run_dir), "blur_sigma": scoring.blur_sigma, "image_score": scoring.image_score}
+            row.update(model=dict(cfg.model), val_placement=datamodule.val_placement)
             if scoring.image_score == "topk":
                 row["image_score"] = f"topk {scoring.top_k:g}"
             for split in SPLITS:

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from patchae.data.cache import DecodedImages, cache_bytes
+from patchae.data.corruption import foreground_mask
 from patchae.data.cutpaste import CutPaste
 from patchae.data.datasets import dataset_spec
 from patchae.data.datasets.folder import folder_samples
@@ -31,6 +32,10 @@ from patchae.settings import IMAGENET_MEAN, IMAGENET_STD
 from patchae.tiling import Tiling, random_tile
 
 logger = logging.getLogger(__name__)
+
+VAL_PLACEMENTS = ("uniform", "foreground")
+ON_OBJECT_SHARE = 0.5  # foreground placement: least share of a defect's changed pixels that lie on the object
+ON_OBJECT_TRIES = 20  # draws before a defect that misses the object is kept anyway (a thin or tiny object)
 
 
 def seeded_generator(*keys: int) -> torch.Generator:
@@ -141,7 +146,13 @@ class SyntheticDefectDataset(Dataset):
     """Label-free validation images: each normal image clean, then with ``defects_per_image`` synthetic
     defects, alternately CutPaste (the kind training sees) and a Perlin-shaped blend of another of these
     images (a kind it never sees), each with the exact mask of the pixels it changed. The same items every
-    time they are read (seeded by image and version), so validations of different epochs compare."""
+    time they are read (seeded by image and version), so validations of different epochs compare.
+
+    ``placement="foreground"`` keeps a defect only when at least ``ON_OBJECT_SHARE`` of its changed pixels lie
+    on the object (:func:`~patchae.data.corruption.foreground_mask`: pixels unlike the image's border), drawing
+    again otherwise: on a small object on a plain background (a screw) uniform placement puts most defects on
+    the background, where real defects never are. An image without a foreground keeps its first draw, which
+    is what ``"uniform"`` always keeps."""
 
     def __init__(
         self,
@@ -151,7 +162,10 @@ class SyntheticDefectDataset(Dataset):
         perlin: PerlinBlend,
         defects_per_image: int = 2,
         seed: int = 0,
+        placement: str = "uniform",
     ) -> None:
+        check_val_placement(placement)
+        self.placement = placement
         self.samples = list(samples)
         self.transform = transform
         self.cutpaste = dataclasses.replace(cutpaste, probability=1.0)
@@ -172,14 +186,10 @@ class SyntheticDefectDataset(Dataset):
         mask = torch.zeros((1, *image.shape[-2:]), dtype=torch.float32)
         kind = "good"
         if version > 0:
-            generator = seeded_generator(self.seed, image_index, version)
-            if version % 2 == 1:
-                kind = "cutpaste"
-                image, mask = self.cutpaste(image, generator=generator)
-            else:
-                kind = "perlin"
-                source = self.unit_image((image_index + 1) % len(self.samples)).flip(1, 2)
-                image, mask = self.perlin(image, source, generator)
+            kind = "cutpaste" if version % 2 == 1 else "perlin"
+            image, mask = self.defect(
+                image, image_index, kind, seeded_generator(self.seed, image_index, version)
+            )
         return {
             "image": self.transform.normalize(image),
             "mask": mask,
@@ -190,6 +200,33 @@ class SyntheticDefectDataset(Dataset):
             "index": torch.tensor(index),
             **geometry(self.transform, (picture.height, picture.width)),
         }
+
+    def defect(
+        self, image: torch.Tensor, image_index: int, kind: str, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``image`` with one synthetic defect of ``kind`` and its mask, placed as ``placement`` says."""
+        source = None
+        if kind == "perlin":
+            source = self.unit_image((image_index + 1) % len(self.samples)).flip(1, 2)
+        on_object = foreground_mask(image) if self.placement == "foreground" else None
+        tries = ON_OBJECT_TRIES if on_object is not None and on_object.any() else 1
+        for _ in range(tries):
+            if source is None:
+                defective, mask = self.cutpaste(image, generator=generator)
+            else:
+                defective, mask = self.perlin(image, source, generator)
+            changed = mask[0].bool()
+            if tries == 1 or on_object[changed].float().mean() >= ON_OBJECT_SHARE:
+                break
+        return defective, mask
+
+
+def check_val_placement(placement: str) -> None:
+    if placement not in VAL_PLACEMENTS:
+        raise PatchAEError(
+            f"validation.placement={placement!r} is unknown; use uniform (anywhere in the image) or foreground "
+            "(on the object)"
+        )
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -263,6 +300,7 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         holdout_ratio: float = 0.0,
         val_defects_per_image: int = 2,
         val_bank_images: int = 40,
+        val_placement: str = "uniform",
         resize_mode: str = "squash",
         tiling: dict | None = None,
         size_multiple: int = 16,
@@ -312,6 +350,8 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         self.holdout_ratio = float(holdout_ratio)
         self.val_defects_per_image = val_defects_per_image
         self.val_bank_images = val_bank_images
+        check_val_placement(val_placement)
+        self.val_placement = val_placement
         self._samples: dict[str, list[Sample]] = {}
 
     @abstractmethod
@@ -360,6 +400,7 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
             PerlinBlend(),
             self.val_defects_per_image,
             self.seed,
+            self.val_placement,
         )
         return self._loader(dataset, self.eval_batch_size, persistent_workers=self.num_workers > 0)
 

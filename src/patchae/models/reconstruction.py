@@ -163,3 +163,37 @@ def skip_levels(skips: bool | Sequence[int], levels: int) -> frozenset[int]:
 def squared_error_map(images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
     """(B, H, W) squared error, averaged over the channels."""
     return (images - reconstruction).pow(2).mean(dim=1)
+
+
+def check_inpainting(cells: Sequence[int], grid: int) -> tuple[tuple[int, ...], int]:
+    """``(cells, grid)`` of :func:`inpainted` as plain ints, or a one-line error naming the settings."""
+    try:
+        sizes = tuple(int(cell) for cell in cells)
+        valid = all(size >= 1 and size == cell for size, cell in zip(sizes, cells, strict=True))
+    except (TypeError, ValueError):
+        valid = False
+    if not valid or isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
+        raise PatchAEError(
+            f"model.inpaint_cells={cells!r} must be a list of cell sides in pixels (e.g. [8,16]; [] scores the plain "
+            f"reconstruction) and model.inpaint_grid={grid!r} an integer >= 2 (cells hidden in a grid x grid pattern)"
+        )
+    return sizes, grid
+
+
+def inpainted(network: nn.Module, images: torch.Tensor, cell: int, grid: int) -> torch.Tensor:
+    """Every pixel as ``network`` rebuilds it while its own cell is hidden: the image is cut into ``cell`` x
+    ``cell`` pixel cells, which take turns in ``grid * grid`` passes (each pass hides every ``grid``-th cell of
+    every ``grid``-th row, filled with the image's mean colour, so each hidden cell keeps a ring of visible
+    context); each pixel is taken from the pass that hid it. A model trained to repair replaced regions must
+    then draw a defect's pixels from the normal context around them instead of passing them through."""
+    height, width = images.shape[-2:]
+    rows = torch.arange(height, device=images.device) // cell % grid
+    columns = torch.arange(width, device=images.device) // cell % grid
+    phase = rows[:, None] * grid + columns[None, :]
+    fill = images.mean(dim=(2, 3), keepdim=True)
+    rebuilt = torch.empty_like(images)
+    for turn in range(grid * grid):
+        hidden = phase == turn
+        if hidden.any():
+            rebuilt = torch.where(hidden, network(torch.where(hidden, fill, images)), rebuilt)
+    return rebuilt

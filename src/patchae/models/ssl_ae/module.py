@@ -23,7 +23,8 @@ class SSLAEModule(ReconstructionModule):
     is trained (L2) to give back the clean image inside the corrupted regions and its input, noise included,
     everywhere else (``corruption.noise_in_target``, the follow-up's; false: the clean image everywhere). The
     anomaly map is the standardised squared reconstruction error of the uncorrupted input, averaged over the
-    colour channels. Training data must come without CutPaste (``augment=none``, the model's config sets it):
+    colour channels; with ``inpaint_cells`` (our option) that of the inpainted input, each cell rebuilt while
+    hidden (:func:`patchae.models.reconstruction.inpainted`). Training data must come without CutPaste (``augment=none``, the model's config sets it):
     the target would otherwise contain the defect."""
 
     legacy_state_keys = (
@@ -51,6 +52,8 @@ class SSLAEModule(ReconstructionModule):
         encoder_lr: float = 1e-4,
         lighting: Mapping[str, Any] | None = None,
         per_image_intensity: bool = False,
+        inpaint_cells: Sequence[int] = (),
+        inpaint_grid: int = 3,
         scoring: Mapping[str, Any] | None = None,
         threshold: Mapping[str, Any] | None = None,
         preprocessing: Mapping[str, Any] | None = None,
@@ -66,7 +69,7 @@ class SSLAEModule(ReconstructionModule):
         network = SSLAutoencoder(
             channels, skips, encoder=self.build_encoder(), per_image_intensity=per_image_intensity
         )
-        self.model = SSLAEModel(network, self.scoring)
+        self.model = SSLAEModel(network, self.scoring, inpaint_cells, inpaint_grid)
         mean, std = self.preprocessing.mean, self.preprocessing.std
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
