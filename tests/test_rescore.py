@@ -64,3 +64,19 @@ def test_model_settings_and_validation_placement_reach_every_row(run_dir):
     assert row["model"] == {"inpaint_cells": [4]} and row["val_placement"] == "foreground"
     # The inpainted reconstruction is another map than the run's own.
     assert row["test_pixel_auroc"] != pytest.approx(results["pixel_auroc"], abs=1e-6)
+
+
+def test_an_option_newer_than_the_checkpoint_can_still_be_set(run_dir, tmp_path):
+    import torch
+
+    from patchae.checkpoints import load_checkpoint
+    from patchae.deploy.loading import load_model
+
+    directory, _ = run_dir
+    checkpoint = load_checkpoint(directory / "model.ckpt", mmap=False)
+    for name in ("inpaint_cells", "inpaint_grid"):  # as a checkpoint written before the option existed
+        checkpoint["hyper_parameters"].pop(name)
+    older = tmp_path / "older.ckpt"
+    torch.save(checkpoint, older)
+    assert load_model(older, fold_batchnorm=False).model.inpaint_cells == ()
+    assert load_model(older, fold_batchnorm=False, inpaint_cells=[4]).model.inpaint_cells == (4,)

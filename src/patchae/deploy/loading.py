@@ -4,6 +4,7 @@ benchmarks) gets a model from, with one-line errors for files that are not a usa
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +103,10 @@ def load_model(
     checkpoint = read_checkpoint(path)
     cls = checkpoint_class(checkpoint, path)
     hparams = upgrade_hparams(checkpoint["hyper_parameters"])
+    arguments = inspect.signature(cls.__init__).parameters
     for key, value in {"pretrained": False, **overrides}.items():
         if value is not None:
-            set_setting(hparams, key, value)
+            set_setting(hparams, key, value, arguments)
     try:
         model = cls(**hparams)
     except TypeError as error:  # a hyper-parameter this version's model does not take

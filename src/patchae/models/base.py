@@ -12,7 +12,7 @@ label-free validation, test metrics, threshold calibration and the checkpoint's 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from typing import Any
 
 import lightning as L
@@ -48,14 +48,15 @@ FLAT_SETTINGS: dict[str, tuple[str, str]] = {
 }
 
 
-def set_setting(hparams: dict[str, Any], key: str, value: Any) -> None:
+def set_setting(hparams: dict[str, Any], key: str, value: Any, arguments: Container[str] = ()) -> None:
     """Set ``key`` in ``hparams``: a model argument, or a flat setting name (``search``) inside its group;
-    nothing for a setting the model does not take (SSL-AE has no ``bank``)."""
+    nothing for a setting the model does not take (SSL-AE has no ``bank``). ``arguments`` are the model's
+    argument names: one of them that ``hparams`` lacks (an option newer than the checkpoint) is set too."""
     if key in FLAT_SETTINGS and key not in hparams:
         group, name = FLAT_SETTINGS[key]
         if group in hparams:
             hparams[group] = {**(hparams[group] or {}), name: value}
-    elif key in hparams:
+    elif key in hparams or key in arguments:
         hparams[key] = value
 
 
