@@ -46,9 +46,8 @@ class RescoreConfig:
     blur_sigmas: list[float] = field(default_factory=list)  # empty: each run's own scoring.blur_sigma
     image_scores: list[str] = field(default_factory=list)  # max | topk | reweight; empty: each run's own
     top_k: float | None = None  # topk's share of pixels; empty: each run's own
-    model: dict[str, Any] = field(
-        default_factory=dict
-    )  # model settings replaced by name (load_model's overrides)
+    # Model settings replaced by name, for every row (load_model's overrides), e.g. {inpaint_cells: [8]}
+    model: dict[str, Any] = field(default_factory=dict)
     val_placement: str | None = None  # uniform | foreground (validation.placement); empty: each run's own
     output: str | None = None  # a .json file for the results
 

@@ -184,8 +184,9 @@ def inpainted(network: nn.Module, images: torch.Tensor, cell: int, grid: int) ->
     """Every pixel as ``network`` rebuilds it while its own cell is hidden: the image is cut into ``cell`` x
     ``cell`` pixel cells, which take turns in ``grid * grid`` passes (each pass hides every ``grid``-th cell of
     every ``grid``-th row, filled with the image's mean colour, so each hidden cell keeps a ring of visible
-    context); each pixel is taken from the pass that hid it. A model trained to repair replaced regions must
-    then draw a defect's pixels from the normal context around them instead of passing them through."""
+    context); each pixel is taken from the pass that hid it. Meant to expose a defect that the plain
+    reconstruction passes through, it needs a model that can draw a hidden normal cell from its context: SSL-AE's
+    CPU setting cannot (docs/results.md)."""
     height, width = images.shape[-2:]
     rows = torch.arange(height, device=images.device) // cell % grid
     columns = torch.arange(width, device=images.device) // cell % grid

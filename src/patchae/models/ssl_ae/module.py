@@ -24,8 +24,8 @@ class SSLAEModule(ReconstructionModule):
     everywhere else (``corruption.noise_in_target``, the follow-up's; false: the clean image everywhere). The
     anomaly map is the standardised squared reconstruction error of the uncorrupted input, averaged over the
     colour channels; with ``inpaint_cells`` (our option) that of the inpainted input, each cell rebuilt while
-    hidden (:func:`patchae.models.reconstruction.inpainted`). Training data must come without CutPaste (``augment=none``, the model's config sets it):
-    the target would otherwise contain the defect."""
+    hidden (:func:`patchae.models.reconstruction.inpainted`). Training data must come without CutPaste
+    (``augment=none``, the model's config sets it): the target would otherwise contain the defect."""
 
     legacy_state_keys = (
         ("model.", "model.network."),
