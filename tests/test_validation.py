@@ -7,12 +7,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from PIL import Image
 from torch import nn
 
 from patchae.callbacks import BestEpochCallback
 from patchae.data import SyntheticDataModule
 from patchae.data.cutpaste import CutPaste
+from patchae.data.datamodule import SyntheticDefectDataset
 from patchae.data.perlin import PerlinBlend, perlin_noise
+from patchae.data.samples import Sample
+from patchae.data.transforms import ImageTransform
 from patchae.errors import PatchAEError
 
 
@@ -190,18 +194,13 @@ def test_a_later_epoch_must_beat_the_best_by_min_delta() -> None:
     assert module.selected_epoch == 2 and module.weight.item() == pytest.approx(0.812)
 
 
-def _object_images(folder, count: int = 4) -> list:
+def _object_images(folder, count: int = 8) -> list[Sample]:
     """Plain grey pictures with a textured square covering 9 % of each: an object on a plain background."""
-    from PIL import Image
-
-    from patchae.data.samples import Sample
-
     samples = []
     for index in range(count):
         picture = torch.full((64, 64, 3), 0.5)
-        picture[24:43, 24:43] = 0.7 + 0.3 * torch.rand(
-            (19, 19, 3), generator=torch.Generator().manual_seed(index)
-        )
+        texture = torch.rand((19, 19, 3), generator=torch.Generator().manual_seed(index))
+        picture[24:43, 24:43] = 0.7 + 0.3 * texture
         path = folder / f"{index}.png"
         Image.fromarray((picture * 255).round().to(torch.uint8).numpy()).save(path)
         samples.append(Sample(path, 0, None, "good"))
@@ -209,38 +208,26 @@ def _object_images(folder, count: int = 4) -> list:
 
 
 def test_foreground_validation_puts_the_defects_on_the_object(tmp_path) -> None:
-    from patchae.data.datamodule import SyntheticDefectDataset
-    from patchae.data.transforms import ImageTransform
-
-    samples = _object_images(tmp_path, count=8)
+    samples = _object_images(tmp_path)
     shares = {}
     for placement in ("uniform", "foreground"):
         dataset = SyntheticDefectDataset(
             samples, ImageTransform(64), CutPaste(), PerlinBlend(), defects_per_image=6, placement=placement
         )
-        on_object = []
+        on_object = []  # per defect: whether most of its changed pixels lie on the object
         for index in range(len(dataset)):
             item = dataset[index]
             clean = dataset[index - index % dataset.versions]["image"]
-            assert torch.equal(
-                (item["image"] != clean).any(dim=0), item["mask"][0].bool()
-            )  # masks stay exact
+            # The masks stay exactly the changed pixels.
+            assert torch.equal((item["image"] != clean).any(dim=0), item["mask"][0].bool())
             if item["label"]:
-                on_object.append(item["mask"][0, 24:43, 24:43].sum() >= item["mask"].sum() / 2)
-        shares[placement] = float(sum(on_object)) / len(
-            on_object
-        )  # defects with most of their pixels on the object
+                on_object.append(bool(item["mask"][0, 24:43, 24:43].sum() >= item["mask"].sum() / 2))
+        shares[placement] = sum(on_object) / len(on_object)
     assert shares["uniform"] < 0.5  # the object is 9 % of the image
     assert shares["foreground"] > 0.9
 
 
 def test_foreground_validation_keeps_uniform_draws_without_an_object(tmp_path) -> None:
-    from PIL import Image
-
-    from patchae.data.datamodule import SyntheticDefectDataset
-    from patchae.data.samples import Sample
-    from patchae.data.transforms import ImageTransform
-
     samples = [Sample(tmp_path / "plain.png", 0, None, "good")]
     Image.fromarray(torch.full((64, 64, 3), 128, dtype=torch.uint8).numpy()).save(samples[0].path)
     datasets = [
