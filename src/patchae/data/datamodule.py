@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from patchae.data.cache import DecodedImages, cache_bytes
-from patchae.data.corruption import foreground_mask
+from patchae.data.corruption import PLACEMENTS, foreground_mask
 from patchae.data.cutpaste import CutPaste
 from patchae.data.datasets import dataset_spec
 from patchae.data.datasets.folder import folder_samples
@@ -33,7 +33,6 @@ from patchae.tiling import Tiling, random_tile
 
 logger = logging.getLogger(__name__)
 
-VAL_PLACEMENTS = ("uniform", "foreground")
 ON_OBJECT_SHARE = 0.5  # foreground placement: least share of a defect's changed pixels that lie on the object
 ON_OBJECT_TRIES = 20  # draws before a defect that misses the object is kept anyway (a thin or tiny object)
 
@@ -222,7 +221,8 @@ class SyntheticDefectDataset(Dataset):
 
 
 def check_val_placement(placement: str) -> None:
-    if placement not in VAL_PLACEMENTS:
+    """Validation's placements are the corruption's: the same foreground test decides both."""
+    if placement not in PLACEMENTS:
         raise PatchAEError(
             f"validation.placement={placement!r} is unknown; use uniform (anywhere in the image) or foreground "
             "(on the object)"
