@@ -166,6 +166,20 @@ def test_bf16_on_a_cpu_without_it_in_hardware_trains_in_float32_and_says_so(nati
     assert gpu.trainer.precision == "bf16-mixed"  # a GPU's own business
 
 
+def test_ssl_ae_trained_and_scored_by_inpainting_detects(tmp_path):
+    """model.inpaint_training runs through training, validation and test, and the inpainted map still detects."""
+    run = train_tiny(
+        tmp_path,
+        "model=ssl_ae",
+        "model.inpaint_cells=[4]",
+        "model.inpaint_grid=2",
+        "model.inpaint_training=0.5",
+        *TINY_RECONSTRUCTION[:2],
+    )
+    assert run.results["image_auroc"] > 0.8
+    assert 0.0 <= run.results["val_image_auroc"] <= 1.0  # validated with the inpainted map (2 images: no bar)
+
+
 def test_unknown_schedule_says_which_exist(tmp_path):
     with pytest.raises(PatchAEError, match="model.lr_schedule='step' is not one of constant, cosine"):
         train_tiny(tmp_path, "model=ssl_ae", "model.lr_schedule=step", *TINY_RECONSTRUCTION)

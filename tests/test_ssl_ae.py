@@ -7,7 +7,7 @@ from torch import nn
 from patchae.data.corruption import Corruption
 from patchae.errors import PatchAEError
 from patchae.models import SSLAEModule
-from patchae.models.reconstruction import inpainted
+from patchae.models.reconstruction import cell_phases, inpainted
 
 CHANNELS = (4, 8, 16)
 
@@ -191,3 +191,37 @@ def test_inpainting_scores_a_defect_the_plain_reconstruction_passes_through() ->
 def test_bad_inpainting_settings_say_what_to_use(cells, grid) -> None:
     with pytest.raises(PatchAEError, match=r"model.inpaint_cells=.* must be a list of cell sides in pixels"):
         SSLAEModule(channels=CHANNELS, inpaint_cells=cells, inpaint_grid=grid)
+
+
+def test_inpaint_training_hides_one_scoring_pass_and_asks_for_the_clean_image_there() -> None:
+    model = SSLAEModule(channels=CHANNELS, inpaint_cells=[4], inpaint_grid=2, inpaint_training=0.5)
+    rng = torch.Generator().manual_seed(0)
+    inputs, targets, clean = (torch.randn(64, 3, 16, 16, generator=rng) for _ in range(3))
+    masks = torch.zeros(64, 1, 16, 16)
+    hidden_inputs, hidden_targets, hidden_masks = model.hide_cells(inputs, targets, masks, clean, step=3)
+    phases = cell_phases(inputs, 4, 2)
+    touched = 0
+    for i in range(64):
+        changed = (hidden_inputs[i] != inputs[i]).any(dim=0)
+        if not changed.any():
+            assert torch.equal(hidden_targets[i], targets[i]) and hidden_masks[i].sum() == 0
+            continue
+        touched += 1
+        # exactly the cells of one of the four passes, set to the image's mean colour, the clean image as target
+        (turn,) = phases[changed].unique().tolist()
+        hidden = phases == turn
+        assert torch.equal(changed, hidden)
+        assert torch.allclose(hidden_inputs[i][:, hidden], inputs[i].mean(dim=(1, 2))[:, None].expand(3, 64))
+        assert torch.equal(hidden_targets[i][:, hidden], clean[i][:, hidden])
+        assert torch.equal(hidden_targets[i][:, ~hidden], targets[i][:, ~hidden])
+        assert torch.equal(hidden_masks[i, 0], hidden.float())
+    assert 20 <= touched <= 44  # about half of the images
+    # the same draws every run
+    again = model.hide_cells(inputs, targets, masks, clean, step=3)
+    assert torch.equal(again[0], hidden_inputs)
+
+
+@pytest.mark.parametrize("share, cells", [(0.5, []), (1.5, [4]), (-0.1, [4])])
+def test_bad_inpaint_training_says_what_it_needs(share, cells) -> None:
+    with pytest.raises(PatchAEError, match=r"model.inpaint_training=.* must be a share in \[0, 1\]"):
+        SSLAEModule(channels=CHANNELS, inpaint_cells=cells, inpaint_training=share)

@@ -187,14 +187,23 @@ def inpainted(network: nn.Module, images: torch.Tensor, cell: int, grid: int) ->
     context); each pixel is taken from the pass that hid it. Meant to expose a defect that the plain
     reconstruction passes through, it needs a model that can draw a hidden normal cell from its context: SSL-AE's
     CPU setting cannot (docs/results.md)."""
-    height, width = images.shape[-2:]
-    rows = torch.arange(height, device=images.device) // cell % grid
-    columns = torch.arange(width, device=images.device) // cell % grid
-    phase = rows[:, None] * grid + columns[None, :]
-    fill = images.mean(dim=(2, 3), keepdim=True)
+    phase = cell_phases(images, cell, grid)
     rebuilt = torch.empty_like(images)
     for turn in range(grid * grid):
         hidden = phase == turn
         if hidden.any():
-            rebuilt = torch.where(hidden, network(torch.where(hidden, fill, images)), rebuilt)
+            rebuilt = torch.where(hidden, network(hide(images, hidden)), rebuilt)
     return rebuilt
+
+
+def cell_phases(images: torch.Tensor, cell: int, grid: int) -> torch.Tensor:
+    """(H, W) long: the pass (0 .. grid * grid - 1) of :func:`inpainted` that hides each pixel of ``images``."""
+    height, width = images.shape[-2:]
+    rows = torch.arange(height, device=images.device) // cell % grid
+    columns = torch.arange(width, device=images.device) // cell % grid
+    return rows[:, None] * grid + columns[None, :]
+
+
+def hide(images: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """``images`` (B, C, H, W) with the ``hidden`` pixels ((H, W) bool) set to each image's mean colour."""
+    return torch.where(hidden, images.mean(dim=(2, 3), keepdim=True), images)

@@ -12,7 +12,7 @@ from patchae.data.datamodule import seeded_generator
 from patchae.data.lighting import LightingJitter
 from patchae.errors import PatchAEError
 from patchae.models.base import ReconstructionModule
-from patchae.models.reconstruction import squared_error_map
+from patchae.models.reconstruction import cell_phases, hide, squared_error_map
 from patchae.models.ssl_ae.network import SSLAutoencoder
 from patchae.models.ssl_ae.torch_model import SSLAEModel
 
@@ -24,8 +24,10 @@ class SSLAEModule(ReconstructionModule):
     everywhere else (``corruption.noise_in_target``, the follow-up's; false: the clean image everywhere). The
     anomaly map is the standardised squared reconstruction error of the uncorrupted input, averaged over the
     colour channels; with ``inpaint_cells`` (our option) that of the inpainted input, each cell rebuilt while
-    hidden (:func:`patchae.models.reconstruction.inpainted`). Training data must come without CutPaste
-    (``augment=none``, the model's config sets it): the target would otherwise contain the defect."""
+    hidden (:func:`patchae.models.reconstruction.inpainted`); ``inpaint_training`` (our option, RIAD-style) is the
+    share of training images that also get such cells hidden, so that the model learns the inpainting it is then
+    scored by. Training data must come without CutPaste (``augment=none``, the model's config sets it): the target
+    would otherwise contain the defect."""
 
     legacy_state_keys = (
         ("model.", "model.network."),
@@ -54,6 +56,7 @@ class SSLAEModule(ReconstructionModule):
         per_image_intensity: bool = False,
         inpaint_cells: Sequence[int] = (),
         inpaint_grid: int = 3,
+        inpaint_training: float = 0.0,
         scoring: Mapping[str, Any] | None = None,
         threshold: Mapping[str, Any] | None = None,
         preprocessing: Mapping[str, Any] | None = None,
@@ -63,6 +66,11 @@ class SSLAEModule(ReconstructionModule):
         if not region_weight > 0:
             raise PatchAEError(
                 f"model.region_weight={region_weight} must be positive (1: plain mean squared error)"
+            )
+        if not 0.0 <= inpaint_training <= 1.0 or (inpaint_training > 0 and not inpaint_cells):
+            raise PatchAEError(
+                f"model.inpaint_training={inpaint_training} must be a share in [0, 1], and above 0 it needs the "
+                f"cell sides to hide in model.inpaint_cells (now {list(inpaint_cells)}), e.g. model.inpaint_cells=[4,8]"
             )
         self.corruption = Corruption(**(corruption or {}))
         self.lighting = LightingJitter(**(lighting or {}))
@@ -100,9 +108,32 @@ class SSLAEModule(ReconstructionModule):
         inputs, targets, masks = self.corrupt(lit, self.global_step)
         # The target in the input's intensity frame: what error_terms compares at test time.
         inputs, targets = network.standardize(inputs), network.standardize(targets, reference=inputs)
+        if self.hparams.inpaint_training > 0:
+            clean = network.standardize(lit, reference=inputs)  # before the frame moves with the hidden cells
+            inputs, targets, masks = self.hide_cells(inputs, targets, masks, clean, self.global_step)
         loss = self.reconstruction_loss(network(inputs), targets, masks)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
         return loss
+
+    def hide_cells(
+        self, inputs: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, clean: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(inputs, targets, masks)`` with, in a share ``inpaint_training`` of the images, the cells of one random
+        pass of :func:`patchae.models.reconstruction.inpainted` (a random size of ``inpaint_cells``) hidden as
+        scoring hides them, their target the clean image. Drawn from ``(seed, step, index, 1)``."""
+        inputs, targets, masks = inputs.clone(), targets.clone(), masks.clone()
+        model = self.model
+        for i in range(len(inputs)):
+            rng = seeded_generator(self.hparams.seed, step, i, 1)
+            if torch.rand((), generator=rng).item() >= self.hparams.inpaint_training:
+                continue
+            cell = model.inpaint_cells[int(torch.randint(len(model.inpaint_cells), (), generator=rng))]
+            turn = int(torch.randint(model.inpaint_grid**2, (), generator=rng))
+            hidden = cell_phases(inputs, cell, model.inpaint_grid) == turn
+            inputs[i] = hide(inputs[i : i + 1], hidden)[0]
+            targets[i] = torch.where(hidden, clean[i], targets[i])
+            masks[i] = torch.where(hidden, torch.ones_like(masks[i]), masks[i])
+        return inputs, targets, masks
 
     def reconstruction_loss(
         self, outputs: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor
