@@ -80,3 +80,12 @@ def test_an_option_newer_than_the_checkpoint_can_still_be_set(run_dir, tmp_path)
     torch.save(checkpoint, older)
     assert load_model(older, fold_batchnorm=False).model.inpaint_cells == ()
     assert load_model(older, fold_batchnorm=False, inpaint_cells=[4]).model.inpaint_cells == (4,)
+
+
+def test_a_model_setting_without_a_space_after_its_colon_says_so(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["runs=[somewhere]", "model={inpaint_cells: [8],inpaint_training:0}"])
+    assert (
+        "model setting 'inpaint_training:0' has no value; write a space after each colon"
+        in capsys.readouterr().err
+    )

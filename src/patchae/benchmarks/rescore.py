@@ -82,6 +82,12 @@ def rescore(cfg: RescoreConfig) -> dict[str, Any]:
         raise PatchAEError(
             "no runs given: runs=[<run dir>,...] (directories with .hydra/config.yaml and model.ckpt)"
         )
+    unset = [name for name, value in cfg.model.items() if value is None]
+    if unset:  # YAML reads {a:1} as the key "a:1" without a value
+        raise PatchAEError(
+            f"model setting {unset[0]!r} has no value; write a space after each colon, e.g. "
+            "'model={inpaint_cells: [8], inpaint_training: 0}'"
+        )
     rows = []
     for run in cfg.runs:
         run_dir = Path(run)
