@@ -225,3 +225,21 @@ def test_inpaint_training_hides_one_scoring_pass_and_asks_for_the_clean_image_th
 def test_bad_inpaint_training_says_what_it_needs(share, cells) -> None:
     with pytest.raises(PatchAEError, match=r"model.inpaint_training=.* must be a share in \[0, 1\]"):
         SSLAEModule(channels=CHANNELS, inpaint_cells=cells, inpaint_training=share)
+
+
+def test_inpaint_training_targets_the_clean_image_in_the_inputs_intensity_frame() -> None:
+    """Without regions and noise the input is the image: every target pixel, hidden cells included, is the image
+    in its own frame (a target in the data set's frame inside the cells once trained the model off by a gain)."""
+    model = SSLAEModule(
+        channels=CHANNELS,
+        per_image_intensity=True,
+        corruption={"regions": [0, 0], "noise_std": 0.0},
+        inpaint_cells=[4],
+        inpaint_grid=2,
+        inpaint_training=1.0,
+    )
+    images = 3 * torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) + 1
+    inputs, targets, masks = model.training_batch(images, step=0)
+    expected = model.model.network.standardize(images)
+    torch.testing.assert_close(targets, expected)
+    assert masks.sum() > 0 and torch.equal((inputs != targets).any(dim=1, keepdim=True), masks.bool())

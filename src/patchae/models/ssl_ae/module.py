@@ -102,18 +102,25 @@ class SSLAEModule(ReconstructionModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images = batch["image"]
-        network = self.model.network
-        network.check_input(images)
-        lit = self.vary_lighting(images, self.lighting, self.hparams.seed, self.global_step)
-        inputs, targets, masks = self.corrupt(lit, self.global_step)
-        # The target in the input's intensity frame: what error_terms compares at test time.
-        inputs, targets = network.standardize(inputs), network.standardize(targets, reference=inputs)
-        if self.hparams.inpaint_training > 0:
-            clean = network.standardize(lit, reference=inputs)  # before the frame moves with the hidden cells
-            inputs, targets, masks = self.hide_cells(inputs, targets, masks, clean, self.global_step)
-        loss = self.reconstruction_loss(network(inputs), targets, masks)
+        self.model.network.check_input(images)
+        inputs, targets, masks = self.training_batch(images, self.global_step)
+        loss = self.reconstruction_loss(self.model.network(inputs), targets, masks)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
         return loss
+
+    def training_batch(
+        self, images: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(inputs, targets, masks)`` of a training batch: lit, corrupted, in the input's intensity frame (what
+        error_terms compares at test time) and, with ``inpaint_training``, with hidden cells."""
+        network = self.model.network
+        lit = self.vary_lighting(images, self.lighting, self.hparams.seed, step)
+        corrupted, targets, masks = self.corrupt(lit, step)
+        inputs, targets = network.standardize(corrupted), network.standardize(targets, reference=corrupted)
+        if self.hparams.inpaint_training > 0:
+            clean = network.standardize(lit, reference=corrupted)
+            inputs, targets, masks = self.hide_cells(inputs, targets, masks, clean, step)
+        return inputs, targets, masks
 
     def hide_cells(
         self, inputs: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor, clean: torch.Tensor, step: int
