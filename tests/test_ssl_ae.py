@@ -243,3 +243,39 @@ def test_inpaint_training_targets_the_clean_image_in_the_inputs_intensity_frame(
     expected = model.model.network.standardize(images)
     torch.testing.assert_close(targets, expected)
     assert masks.sum() > 0 and torch.equal((inputs != targets).any(dim=1, keepdim=True), masks.bool())
+
+
+def test_convex_skips_pass_the_skip_or_the_decoder_as_their_gate_says() -> None:
+    network = SSLAEModule(channels=CHANNELS, skip_merge="convex", bottleneck_dilations=[1, 2]).model.network
+    assert [block[0].in_channels for block in network.decoder] == [4, 8]  # each skip's own width
+    assert network(torch.randn(2, 3, 16, 24)).shape == (2, 3, 16, 24)
+    merge = network.merges["0"]
+    skip, decoded = torch.randn(1, 4, 8, 8), torch.randn(1, 8, 8, 8)
+    with torch.no_grad():
+        merge.gate.weight.zero_()
+        merge.gate.bias.fill_(50.0)  # open: the skip itself
+        torch.testing.assert_close(merge(skip, decoded), skip)
+        merge.gate.bias.fill_(-50.0)  # shut: the decoder's features, projected to the skip's width
+        torch.testing.assert_close(merge(skip, decoded), merge.project(decoded))
+
+
+def test_default_network_keeps_its_weights_names() -> None:
+    """Checkpoints written before the options load: the defaults add no weights."""
+    names = SSLAEModule(channels=CHANNELS).model.network.state_dict()
+    assert not any(name.startswith(("merges.", "bottleneck.")) for name in names)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"skip_merge": "add"}, r"model.skip_merge='add' must be one of concat, convex"),
+        (
+            {"bottleneck_dilations": [0]},
+            r"model.bottleneck_dilations=\[0\] must be a list of positive integers",
+        ),
+        ({"bottleneck_dilations": 2}, r"model.bottleneck_dilations=2 must be a list of positive integers"),
+    ],
+)
+def test_bad_architecture_options_say_what_to_use(options, message) -> None:
+    with pytest.raises(PatchAEError, match=message):
+        SSLAEModule(channels=CHANNELS, **options)

@@ -75,8 +75,12 @@ class EncoderDecoder(nn.Module):
         level_modules: Sequence[nn.Module] | None = None,
         encoder: nn.Module | None = None,
         per_image_intensity: bool = False,
+        skip_merge: str = "concat",
+        bottleneck_dilations: Sequence[int] = (),
     ) -> None:
         super().__init__()
+        if skip_merge not in SKIP_MERGES:
+            raise PatchAEError(f"model.skip_merge={skip_merge!r} must be one of {', '.join(SKIP_MERGES)}")
         self.per_image_intensity = bool(per_image_intensity)
         channels = level_channels(channels, encoder)
         if len(channels) < 2 or min(channels) < 1:
@@ -92,9 +96,20 @@ class EncoderDecoder(nn.Module):
             for i in range(levels)
         )
         self.level_modules = nn.ModuleList(level_modules or [nn.Identity() for _ in channels])
-        skip_width = [c if i in self.skip_levels else 0 for i, c in enumerate(channels)]
+        self.bottleneck = dilated_stack(channels[-1], bottleneck_dilations)
+        convex = skip_merge == "convex"
+        # A convex merge hands the decoder block the skip's width; concatenation both widths.
+        self.merges = nn.ModuleDict(
+            {str(i): ConvexMerge(channels[i], channels[i + 1]) for i in self.skip_levels} if convex else {}
+        )
         self.decoder = nn.ModuleList(
-            conv_block(channels[i + 1] + skip_width[i], channels[i]) for i in range(len(channels) - 1)
+            conv_block(
+                channels[i]
+                if convex and i in self.skip_levels
+                else channels[i + 1] + (channels[i] if i in self.skip_levels else 0),
+                channels[i],
+            )
+            for i in range(len(channels) - 1)
         )
         self.head = nn.Conv2d(channels[0], 3, 1)
 
@@ -133,13 +148,70 @@ class EncoderDecoder(nn.Module):
             features.append(x)
         if self.pretrained is not None:
             features += self.pretrained(images)
-        x = self.level_modules[-1](features[-1])
+        x = self.bottleneck(self.level_modules[-1](features[-1]))
         for i in reversed(range(len(self.decoder))):
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
             if i in self.skip_levels:
-                x = torch.cat([x, self.level_modules[i](features[i])], dim=1)
+                skip = self.level_modules[i](features[i])
+                x = self.merges[str(i)](skip, x) if self.merges else torch.cat([x, skip], dim=1)
             x = self.decoder[i](x)
         return self.head(x)
+
+
+SKIP_MERGES = ("concat", "convex")
+
+
+class ConvexMerge(nn.Module):
+    """A skip merged with the decoder's upsampled features as their convex combination, per pixel and channel:
+    ``c * skip + (1 - c) * decoded``, the decoded features first projected to the skip's width and ``c`` a sigmoid
+    of both. The network can then shut a skip where its input looks corrupted and draw that place from the coarser
+    context instead (a third-party reading of SSL-AE's convex combination modules; the papers' text was not
+    available here)."""
+
+    def __init__(self, skip_channels: int, decoded_channels: int) -> None:
+        super().__init__()
+        self.project = nn.Conv2d(decoded_channels, skip_channels, 1)
+        self.gate = nn.Conv2d(2 * skip_channels, skip_channels, 3, padding=1)
+
+    def forward(self, skip: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+        decoded = self.project(decoded)
+        weight = torch.sigmoid(self.gate(torch.cat([skip, decoded], dim=1)))
+        return decoded + weight * (skip - decoded)
+
+
+class DilatedStack(nn.Sequential):
+    """Residual 3x3 convolutions (BatchNorm, LeakyReLU) at growing dilations: a wide receptive field at the
+    bottleneck for little compute (stacked dilated convolutions, as a third-party reading of SSL-AE has them)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = x + layer(x)
+        return x
+
+
+def dilated_stack(channels: int, dilations: Sequence[int]) -> nn.Module:
+    """A :class:`DilatedStack` of the given dilations, or the identity for none; a one-line error for bad ones."""
+    try:
+        rates = [int(rate) for rate in dilations]
+        valid = all(rate >= 1 and rate == given for rate, given in zip(rates, dilations, strict=True))
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise PatchAEError(
+            f"model.bottleneck_dilations={dilations!r} must be a list of positive integers, e.g. [1,2,4] ([] for none)"
+        )
+    if not rates:
+        return nn.Identity()
+    return DilatedStack(
+        *(
+            nn.Sequential(
+                nn.Conv2d(channels, channels, 3, padding=rate, dilation=rate, bias=False),
+                nn.BatchNorm2d(channels),
+                nn.LeakyReLU(0.2, inplace=True),
+            )
+            for rate in rates
+        )
+    )
 
 
 def skip_levels(skips: bool | Sequence[int], levels: int) -> frozenset[int]:

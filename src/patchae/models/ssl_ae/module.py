@@ -41,6 +41,8 @@ class SSLAEModule(ReconstructionModule):
         self,
         channels: Sequence[int] = (16, 32, 64, 128, 256),
         skips: bool | Sequence[int] = True,
+        skip_merge: str = "concat",
+        bottleneck_dilations: Sequence[int] = (),
         corruption: dict[str, Any] | None = None,
         region_weight: float = 1.0,
         lr: float = 1e-3,
@@ -75,7 +77,12 @@ class SSLAEModule(ReconstructionModule):
         self.corruption = Corruption(**(corruption or {}))
         self.lighting = LightingJitter(**(lighting or {}))
         network = SSLAutoencoder(
-            channels, skips, encoder=self.build_encoder(), per_image_intensity=per_image_intensity
+            channels,
+            skips,
+            encoder=self.build_encoder(),
+            per_image_intensity=per_image_intensity,
+            skip_merge=skip_merge,
+            bottleneck_dilations=bottleneck_dilations,
         )
         self.model = SSLAEModel(network, self.scoring, inpaint_cells, inpaint_grid)
         mean, std = self.preprocessing.mean, self.preprocessing.std

@@ -17,7 +17,9 @@ from patchae.models.reconstruction import EncoderDecoder
 
 class SSLAutoencoder(EncoderDecoder):
     """The denoising autoencoder; ``skips=False`` makes it a plain bottleneck autoencoder, a list of levels keeps
-    only those skips (e.g. ``[2, 3]``: none finer than stride 4), ``encoder`` (a
+    only those skips (e.g. ``[2, 3]``: none finer than stride 4), ``skip_merge="convex"`` gates them
+    (:class:`patchae.models.reconstruction.ConvexMerge`), ``bottleneck_dilations`` adds a
+    :class:`patchae.models.reconstruction.DilatedStack`, ``encoder`` (a
     :func:`patchae.models.reconstruction.pretrained_encoder`) replaces levels 1 and deeper."""
 
     # A training step at 128 px on 2 CPU cores (AMD EPYC, oneDNN) takes about 0.65x the time in NHWC order, and
@@ -31,5 +33,14 @@ class SSLAutoencoder(EncoderDecoder):
         skips: bool | Sequence[int] = True,
         encoder: nn.Module | None = None,
         per_image_intensity: bool = False,
+        skip_merge: str = "concat",
+        bottleneck_dilations: Sequence[int] = (),
     ) -> None:
-        super().__init__(channels, skips=skips, encoder=encoder, per_image_intensity=per_image_intensity)
+        super().__init__(
+            channels,
+            skips=skips,
+            encoder=encoder,
+            per_image_intensity=per_image_intensity,
+            skip_merge=skip_merge,
+            bottleneck_dilations=bottleneck_dilations,
+        )
