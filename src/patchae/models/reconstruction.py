@@ -18,6 +18,9 @@ from torch import nn
 from patchae.errors import PatchAEError
 from patchae.models.backbone import create_feature_extractor
 
+# How a skip meets the decoder's features: concatenated (ours), or their gated convex combination (ConvexMerge).
+SKIP_MERGES = ("concat", "convex")
+
 
 def conv_block(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
     """Two 3x3 convolutions with BatchNorm and LeakyReLU; the first one strided."""
@@ -156,9 +159,6 @@ class EncoderDecoder(nn.Module):
                 x = self.merges[str(i)](skip, x) if self.merges else torch.cat([x, skip], dim=1)
             x = self.decoder[i](x)
         return self.head(x)
-
-
-SKIP_MERGES = ("concat", "convex")
 
 
 class ConvexMerge(nn.Module):
