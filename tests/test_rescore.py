@@ -4,10 +4,13 @@ settings, one row per run and setting with others, and one-line errors for what 
 from __future__ import annotations
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from checkpoint_fixture import train_tiny
 from patchae.benchmarks.rescore import METRICS, RescoreConfig, main, rescore
+from patchae.checkpoints import load_checkpoint
+from patchae.deploy.loading import load_model
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +70,6 @@ def test_model_settings_and_validation_placement_reach_every_row(run_dir):
 
 
 def test_an_option_newer_than_the_checkpoint_can_still_be_set(run_dir, tmp_path):
-    import torch
-
-    from patchae.checkpoints import load_checkpoint
-    from patchae.deploy.loading import load_model
-
     directory, _ = run_dir
     checkpoint = load_checkpoint(directory / "model.ckpt", mmap=False)
     for name in ("inpaint_cells", "inpaint_grid"):  # as a checkpoint written before the option existed

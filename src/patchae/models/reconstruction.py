@@ -191,12 +191,8 @@ class DilatedStack(nn.Sequential):
 
 def dilated_stack(channels: int, dilations: Sequence[int]) -> nn.Module:
     """A :class:`DilatedStack` of the given dilations, or the identity for none; a one-line error for bad ones."""
-    try:
-        rates = [int(rate) for rate in dilations]
-        valid = all(rate >= 1 and rate == given for rate, given in zip(rates, dilations, strict=True))
-    except (TypeError, ValueError):
-        valid = False
-    if not valid:
+    rates = positive_integers(dilations)
+    if rates is None:
         raise PatchAEError(
             f"model.bottleneck_dilations={dilations!r} must be a list of positive integers, e.g. [1,2,4] ([] for none)"
         )
@@ -237,14 +233,20 @@ def squared_error_map(images: torch.Tensor, reconstruction: torch.Tensor) -> tor
     return (images - reconstruction).pow(2).mean(dim=1)
 
 
+def positive_integers(values: Sequence[int]) -> tuple[int, ...] | None:
+    """``values`` as a tuple of ints when it is a sequence of whole numbers >= 1 (``[]`` included), else None."""
+    try:
+        numbers = tuple(int(value) for value in values)
+        valid = all(number >= 1 and number == value for number, value in zip(numbers, values, strict=True))
+    except (TypeError, ValueError):
+        return None
+    return numbers if valid else None
+
+
 def check_inpainting(cells: Sequence[int], grid: int) -> tuple[tuple[int, ...], int]:
     """``(cells, grid)`` of :func:`inpainted` as plain ints, or a one-line error naming the settings."""
-    try:
-        sizes = tuple(int(cell) for cell in cells)
-        valid = all(size >= 1 and size == cell for size, cell in zip(sizes, cells, strict=True))
-    except (TypeError, ValueError):
-        valid = False
-    if not valid or isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
+    sizes = positive_integers(cells)
+    if sizes is None or isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
         raise PatchAEError(
             f"model.inpaint_cells={cells!r} must be a list of cell sides in pixels (e.g. [8,16]; [] scores the plain "
             f"reconstruction) and model.inpaint_grid={grid!r} an integer >= 2 (cells hidden in a grid x grid pattern)"
