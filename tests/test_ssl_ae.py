@@ -265,9 +265,33 @@ def test_default_network_keeps_its_weights_names() -> None:
     assert not any(name.startswith(("merges.", "bottleneck.")) for name in names)
 
 
+def test_folded_network_sees_and_rebuilds_every_pixel_at_about_the_unfolded_cost() -> None:
+    folded = SSLAEModule(channels=CHANNELS, fold=2).model.network
+    plain = SSLAEModule(channels=CHANNELS).model.network
+    assert folded.stride == 2 * plain.stride
+    images = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    folded.eval()
+    assert folded(images).shape == (1, 3, 32, 48)
+    # One pixel at an odd row and column (dropped by a strided stem) still changes the output, at that pixel too.
+    moved = images.clone()
+    moved[0, :, 17, 31] += 5.0
+    change = (folded(moved) - folded(images)).abs().sum(dim=1)[0]
+    assert change[17, 31] > 0
+    # Only level 0's input and the head widen: the weights stay within a few percent of the unfolded network's.
+    count = lambda network: sum(p.numel() for p in network.parameters())  # noqa: E731
+    assert count(plain) < count(folded) < 1.1 * count(plain)
+    with pytest.raises(PatchAEError, match=r"must be a multiple of 8"):
+        folded.check_input(torch.randn(1, 3, 20, 20))  # a multiple of the unfolded stride, 4
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
+        ({"fold": 0}, r"model.fold=0 must be an integer >= 1"),
+        (
+            {"fold": 2, "backbone": "resnet18", "pretrained": False},
+            r"model.fold=2 needs the from-scratch encoder",
+        ),
         ({"skip_merge": "add"}, r"model.skip_merge='add' must be one of concat, convex"),
         (
             {"bottleneck_dilations": [0]},

@@ -57,7 +57,7 @@ def level_channels(channels: Sequence[int], encoder: nn.Module | None) -> list[i
 
 class EncoderDecoder(nn.Module):
     """A U-Net-shaped autoencoder: level i has ``channels[i]`` channels at stride 2**i (level 0: full
-    resolution, the last level: the bottleneck). Every skip connection and the bottleneck pass through the
+    resolution, the last level: the bottleneck; with ``fold`` > 1, level i sits at stride ``fold * 2**i``). Every skip connection and the bottleneck pass through the
     given module (identity by default; DAAD's block-wise memories), so what reaches the decoder is what those
     modules let through. The output is an image in the input's (normalised) units.
 
@@ -66,7 +66,11 @@ class EncoderDecoder(nn.Module):
 
     With ``per_image_intensity``, the models put every image in its own intensity frame before the network sees it
     (:meth:`standardize`), so that a global change of brightness or contrast changes neither the reconstruction
-    nor the error."""
+    nor the error.
+
+    With ``fold`` = f > 1 the image is folded f x f into channels (pixel unshuffle: no pixel is dropped) before
+    level 0 and the output unfolded back (pixel shuffle): the network works at 1/f of the image's side, its cost
+    that of an image f times smaller, while it sees and rebuilds every pixel of the larger one."""
 
     # Run the convolutions in NHWC (channels_last) order: a subclass sets it where it was measured to pay.
     channels_last = False
@@ -80,8 +84,19 @@ class EncoderDecoder(nn.Module):
         per_image_intensity: bool = False,
         skip_merge: str = "concat",
         bottleneck_dilations: Sequence[int] = (),
+        fold: int = 1,
     ) -> None:
         super().__init__()
+        if isinstance(fold, bool) or not isinstance(fold, int) or fold < 1:
+            raise PatchAEError(
+                f"model.fold={fold!r} must be an integer >= 1 (1: the network at the image's resolution)"
+            )
+        if fold > 1 and encoder is not None:
+            raise PatchAEError(
+                f"model.fold={fold} needs the from-scratch encoder (backbone=scratch): a pretrained one expects the "
+                "unfolded image"
+            )
+        self.fold = fold
         if skip_merge not in SKIP_MERGES:
             raise PatchAEError(f"model.skip_merge={skip_merge!r} must be one of {', '.join(SKIP_MERGES)}")
         self.per_image_intensity = bool(per_image_intensity)
@@ -95,7 +110,7 @@ class EncoderDecoder(nn.Module):
         self.pretrained = encoder
         levels = 1 if encoder is not None else len(channels)
         self.encoder = nn.ModuleList(
-            conv_block(3 if i == 0 else channels[i - 1], channels[i], stride=1 if i == 0 else 2)
+            conv_block(3 * fold**2 if i == 0 else channels[i - 1], channels[i], stride=1 if i == 0 else 2)
             for i in range(levels)
         )
         self.level_modules = nn.ModuleList(level_modules or [nn.Identity() for _ in channels])
@@ -114,11 +129,11 @@ class EncoderDecoder(nn.Module):
             )
             for i in range(len(channels) - 1)
         )
-        self.head = nn.Conv2d(channels[0], 3, 1)
+        self.head = nn.Conv2d(channels[0], 3 * fold**2, 1)
 
     @property
     def stride(self) -> int:
-        return 2 ** (len(self.channels) - 1)
+        return self.fold * 2 ** (len(self.channels) - 1)
 
     def check_input(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -143,9 +158,10 @@ class EncoderDecoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = []
+        x = F.pixel_unshuffle(images, self.fold) if self.fold > 1 else images
         if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
             images = images.contiguous(memory_format=torch.channels_last)
-        x = images
         for block in self.encoder:
             x = block(x)
             features.append(x)
@@ -158,7 +174,8 @@ class EncoderDecoder(nn.Module):
                 skip = self.level_modules[i](features[i])
                 x = self.merges[str(i)](skip, x) if self.merges else torch.cat([x, skip], dim=1)
             x = self.decoder[i](x)
-        return self.head(x)
+        x = self.head(x)
+        return F.pixel_shuffle(x, self.fold) if self.fold > 1 else x
 
 
 class ConvexMerge(nn.Module):

@@ -43,6 +43,7 @@ class SSLAEModule(ReconstructionModule):
         skips: bool | Sequence[int] = True,
         skip_merge: str = "concat",
         bottleneck_dilations: Sequence[int] = (),
+        fold: int = 1,
         corruption: dict[str, Any] | None = None,
         region_weight: float = 1.0,
         lr: float = 1e-3,
@@ -83,6 +84,7 @@ class SSLAEModule(ReconstructionModule):
             per_image_intensity=per_image_intensity,
             skip_merge=skip_merge,
             bottleneck_dilations=bottleneck_dilations,
+            fold=fold,
         )
         self.model = SSLAEModel(network, self.scoring, inpaint_cells, inpaint_grid)
         mean, std = self.preprocessing.mean, self.preprocessing.std

@@ -20,7 +20,8 @@ class SSLAutoencoder(EncoderDecoder):
     only those skips (e.g. ``[2, 3]``: none finer than stride 4), ``skip_merge="convex"`` gates them
     (:class:`patchae.models.reconstruction.ConvexMerge`), ``bottleneck_dilations`` adds a
     :class:`patchae.models.reconstruction.DilatedStack`, ``encoder`` (a
-    :func:`patchae.models.reconstruction.pretrained_encoder`) replaces levels 1 and deeper."""
+    :func:`patchae.models.reconstruction.pretrained_encoder`) replaces levels 1 and deeper, ``fold=2`` runs it on the
+    image folded 2 x 2 into channels (a 256 px map for about a 128 px network's cost)."""
 
     # A training step at 128 px on 2 CPU cores (AMD EPYC, oneDNN) takes about 0.65x the time in NHWC order, and
     # scoring about 0.65x as well (docs/results.md). DAAD's block memories reshape their inputs and lose more than
@@ -35,6 +36,7 @@ class SSLAutoencoder(EncoderDecoder):
         per_image_intensity: bool = False,
         skip_merge: str = "concat",
         bottleneck_dilations: Sequence[int] = (),
+        fold: int = 1,
     ) -> None:
         super().__init__(
             channels,
@@ -43,4 +45,5 @@ class SSLAutoencoder(EncoderDecoder):
             per_image_intensity=per_image_intensity,
             skip_merge=skip_merge,
             bottleneck_dilations=bottleneck_dilations,
+            fold=fold,
         )
