@@ -180,6 +180,16 @@ def test_ssl_ae_trained_and_scored_by_inpainting_detects(tmp_path):
     assert 0.0 <= run.results["val_image_auroc"] <= 1.0  # validated with the inpainted map (2 images: no bar)
 
 
+def test_folded_ssl_ae_detects_reloads_and_exports(tmp_path):
+    """model.fold=2 runs through training, testing, reloading and ONNX / TorchScript export with equal scores."""
+    run = train_tiny(tmp_path / "run", "model=ssl_ae", "model.fold=2", *TINY_RECONSTRUCTION)
+    assert run.results["image_auroc"] > 0.8
+    assert load_model(run.ckpt).model.network.fold == 2
+    result = export_model(run.ckpt, output=tmp_path / "export", format="both", check=True)
+    assert max(result["onnx_max_difference"].values()) < 1e-4
+    assert max(result["torchscript_max_difference"].values()) < 1e-4
+
+
 def test_unknown_schedule_says_which_exist(tmp_path):
     with pytest.raises(PatchAEError, match="model.lr_schedule='step' is not one of constant, cosine"):
         train_tiny(tmp_path, "model=ssl_ae", "model.lr_schedule=step", *TINY_RECONSTRUCTION)
