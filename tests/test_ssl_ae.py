@@ -265,6 +265,10 @@ def test_default_network_keeps_its_weights_names() -> None:
     assert not any(name.startswith(("merges.", "bottleneck.")) for name in names)
 
 
+def weights(network: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in network.parameters())
+
+
 def test_folded_network_sees_and_rebuilds_every_pixel_at_about_the_unfolded_cost() -> None:
     folded = SSLAEModule(channels=CHANNELS, fold=2).model.network
     plain = SSLAEModule(channels=CHANNELS).model.network
@@ -278,8 +282,7 @@ def test_folded_network_sees_and_rebuilds_every_pixel_at_about_the_unfolded_cost
     change = (folded(moved) - folded(images)).abs().sum(dim=1)[0]
     assert change[17, 31] > 0
     # Only level 0's input and the head widen: the weights stay within a few percent of the unfolded network's.
-    count = lambda network: sum(p.numel() for p in network.parameters())  # noqa: E731
-    assert count(plain) < count(folded) < 1.1 * count(plain)
+    assert weights(plain) < weights(folded) < 1.1 * weights(plain)
     with pytest.raises(PatchAEError, match=r"must be a multiple of 8"):
         folded.check_input(torch.randn(1, 3, 20, 20))  # a multiple of the unfolded stride, 4
 

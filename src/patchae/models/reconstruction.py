@@ -57,9 +57,10 @@ def level_channels(channels: Sequence[int], encoder: nn.Module | None) -> list[i
 
 class EncoderDecoder(nn.Module):
     """A U-Net-shaped autoencoder: level i has ``channels[i]`` channels at stride 2**i (level 0: full
-    resolution, the last level: the bottleneck; with ``fold`` > 1, level i sits at stride ``fold * 2**i``). Every skip connection and the bottleneck pass through the
-    given module (identity by default; DAAD's block-wise memories), so what reaches the decoder is what those
-    modules let through. The output is an image in the input's (normalised) units.
+    resolution, the last level: the bottleneck; with ``fold`` > 1 at stride ``fold * 2**i``). Every skip
+    connection and the bottleneck pass through the given module (identity by default; DAAD's block-wise
+    memories), so what reaches the decoder is what those modules let through. The output is an image in the
+    input's (normalised) units.
 
     With ``encoder`` (see :func:`pretrained_encoder`), its stages are levels 1, 2, ... and only level 0 (full
     resolution) is a convolution block of its own; ``channels`` then come from :func:`level_channels`.
