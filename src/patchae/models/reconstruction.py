@@ -159,15 +159,15 @@ class EncoderDecoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = []
-        x = F.pixel_unshuffle(images, self.fold) if self.fold > 1 else images
+        inputs = F.pixel_unshuffle(images, self.fold) if self.fold > 1 else images
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-            images = images.contiguous(memory_format=torch.channels_last)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        x = inputs
         for block in self.encoder:
             x = block(x)
             features.append(x)
         if self.pretrained is not None:
-            features += self.pretrained(images)
+            features += self.pretrained(inputs)  # the image itself: a pretrained encoder rules out fold > 1
         x = self.bottleneck(self.level_modules[-1](features[-1]))
         for i in reversed(range(len(self.decoder))):
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
