@@ -14,7 +14,9 @@ rows. An empty list keeps the run's own setting.
 ``model`` replaces model settings by name for every row, e.g. ``'model={inpaint_cells:[8,16]}'`` (SSL-AE scored by
 inpainting); ``val_placement=foreground`` puts validation's synthetic defects on the object (``validation.placement``).
 Statistics a reconstruction model keeps of its normal errors are not refitted: for a single error term (SSL-AE)
-they rescale the map and leave every AUROC and AUPRO as a refitted run would give them.
+they rescale the map and leave every AUROC and AUPRO as a refitted run would give them. Statistics the checkpoint
+does not hold (``'model={error_statistics: per_pixel}'`` of a run saved with global ones) are fitted on the run's
+training images, as at the end of its fit.
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ def rescore(cfg: RescoreConfig) -> dict[str, Any]:
         for sigma, method in itertools.product(cfg.blur_sigmas or [None], cfg.image_scores or [None]):
             settings = {**cfg.model, "blur_sigma": sigma, "image_score": method, "top_k": cfg.top_k}
             module = load_model(run_dir / "model.ckpt", fold_batchnorm=False, **settings)
+            if not module.is_fitted:  # e.g. per-pixel error statistics asked of a run saved with global ones
+                module.fit_scorer(module.image_batches(datamodule.bank_dataloader()))
             scoring = module.model.scorer.scoring
             row = {"run": str(run_dir), "blur_sigma": scoring.blur_sigma, "image_score": scoring.image_score}
             row.update(model=dict(cfg.model), val_placement=datamodule.val_placement)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -12,18 +13,38 @@ from patchae.scoring.maps import anomaly_maps, full_precision, image_scores
 from patchae.settings import ScoringSettings
 
 
+# global: each error term's mean and std over all pixels | per_pixel: also per pixel position (our option)
+STATISTICS = ("global", "per_pixel")
+
+
 class StatisticsScorer(nn.Module):
     """Maps and image scores from a model's per-pixel error terms (B, T, H, W).
 
     ``fit(terms)`` takes the terms of normal training images and keeps each term's mean and standard deviation
     over all their pixels; ``forward(terms)`` standardises each term with them, sums them with ``term_weights``
     into the map, blurs it and takes the image score, exactly as the bank models do (:mod:`patchae.scoring.maps`).
+
+    ``statistics="per_pixel"`` (our option; ``global`` is the papers' map up to scale) keeps a mean and a variance
+    for every pixel position as well, and standardises each pixel with its own: an error that every normal image
+    has at that place (the edge of a fixtured part, a reflection) counts for less, one where normal images are
+    quiet for more. The per-pixel variance is shrunk towards the global one (their sum), so that a position whose
+    few normal errors happened to be alike cannot blow its standardised error up. Images must then have the size
+    the statistics were fitted at.
     """
 
     def __init__(
-        self, term_names: Sequence[str], term_weights: Sequence[float], scoring: ScoringSettings | None = None
+        self,
+        term_names: Sequence[str],
+        term_weights: Sequence[float],
+        scoring: ScoringSettings | None = None,
+        statistics: str = "global",
     ) -> None:
         super().__init__()
+        if statistics not in STATISTICS:
+            raise PatchAEError(
+                f"model.error_statistics={statistics} is unknown; use {' or '.join(STATISTICS)}"
+            )
+        self.statistics = statistics
         self.scoring = scoring or ScoringSettings()
         if self.scoring.image_score == "reweight":
             raise PatchAEError(
@@ -40,16 +61,45 @@ class StatisticsScorer(nn.Module):
         # Mean and standard deviation of each term over the normal training pixels; std 0 = not fitted yet.
         self.register_buffer("term_mean", torch.zeros(len(self.term_names)))
         self.register_buffer("term_std", torch.zeros(len(self.term_names)))
+        if self.per_pixel:  # (T, H, W) once fitted; only then, so global scorers keep their saved state as it was
+            self.register_buffer("pixel_mean", torch.empty(0))
+            self.register_buffer("pixel_std", torch.empty(0))
+
+    @property
+    def per_pixel(self) -> bool:
+        return self.statistics == "per_pixel"
 
     def twin(self) -> StatisticsScorer:
         """An unfitted scorer with the same settings (what validation fits with the current weights)."""
-        return StatisticsScorer(self.term_names, self.term_weights.tolist(), self.scoring).to(
+        return StatisticsScorer(self.term_names, self.term_weights.tolist(), self.scoring, self.statistics).to(
             self.term_mean.device
         )
 
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        # Per-pixel maps have the fitted size: shape the buffers before the saved ones are copied in. A scorer
+        # saved with global statistics loads as an unfitted per-pixel one (to be refitted, e.g. by rescore).
+        if self.per_pixel:
+            for name in ("pixel_mean", "pixel_std"):
+                saved = state_dict.get(prefix + name)
+                device = self.term_mean.device
+                setattr(self, name, torch.empty(0, device=device) if saved is None else torch.empty_like(saved, device=device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
+        if self.per_pixel:
+            missing_keys[:] = [k for k in missing_keys if k not in (prefix + "pixel_mean", prefix + "pixel_std")]
+
     @property
     def is_fitted(self) -> bool:
-        return bool((self.term_std > 0).all())
+        fitted = bool((self.term_std > 0).all())
+        return fitted and (not self.per_pixel or self.pixel_std.numel() > 0)
 
     bank_size = 0  # no memory bank: results files say so
 
@@ -61,23 +111,45 @@ class StatisticsScorer(nn.Module):
 
     @torch.no_grad()
     def fit(self, terms: Iterable[Tensor]) -> None:
-        """Mean and std of every error term over all pixels of the (B, T, H, W) batches ``terms`` (normal images)."""
-        count, total, squares = 0, torch.zeros(len(self.term_names)), torch.zeros(len(self.term_names))
+        """Mean and std of every error term over all pixels of the (B, T, H, W) batches ``terms`` (normal images);
+        per pixel position too, with ``statistics="per_pixel"``."""
+        images, total, squares = 0, torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
         for batch in terms:
             batch = batch.double().cpu()
-            count += batch.numel() // batch.shape[1]
-            total += batch.sum(dim=(0, 2, 3))
-            squares += batch.pow(2).sum(dim=(0, 2, 3))
-        if count == 0:
+            if images and batch.shape[1:] != total.shape:
+                raise PatchAEError(
+                    f"normal images of different sizes ({tuple(total.shape[-2:])} and {tuple(batch.shape[-2:])}): "
+                    "error statistics are fitted on images of one size (data.image_size)"
+                )
+            images += batch.shape[0]
+            total = total + batch.sum(dim=0)
+            squares = squares + batch.pow(2).sum(dim=0)
+        if images == 0:
             raise PatchAEError("no normal training images to fit the anomaly-map statistics on")
-        mean = total / count
-        std = (squares / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-12)
+        pixels = images * total.shape[-2] * total.shape[-1]
+        mean = total.sum(dim=(1, 2)) / pixels
+        variance = (squares.sum(dim=(1, 2)) / pixels - mean.pow(2)).clamp_min(0)
         self.term_mean = mean.float().to(self.term_mean.device)
-        self.term_std = std.float().to(self.term_std.device)
+        self.term_std = variance.sqrt().clamp_min(1e-12).float().to(self.term_std.device)
+        if self.per_pixel:
+            pixel_mean = total / images
+            pixel_variance = (squares / images - pixel_mean.pow(2)).clamp_min(0)
+            pixel_std = (pixel_variance + variance.view(-1, 1, 1)).sqrt().clamp_min(1e-12)
+            self.pixel_mean = pixel_mean.float().to(self.term_mean.device)
+            self.pixel_std = pixel_std.float().to(self.term_mean.device)
 
     def standardized(self, terms: Tensor) -> Tensor:
         """(B, H, W) anomaly map before the blur: the weighted sum of the standardised error terms."""
-        standard = (terms - self.term_mean.view(1, -1, 1, 1)) / self.term_std.view(1, -1, 1, 1)
+        if self.per_pixel:
+            if tuple(terms.shape[1:]) != tuple(self.pixel_mean.shape):
+                raise PatchAEError(
+                    f"this model's per-pixel error statistics are {tuple(self.pixel_mean.shape[-2:])} pixels, the "
+                    f"images {tuple(terms.shape[-2:])}: score images of the size it was trained at, or retrain "
+                    "with model.error_statistics=global"
+                )
+            standard = (terms - self.pixel_mean) / self.pixel_std
+        else:
+            standard = (terms - self.term_mean.view(1, -1, 1, 1)) / self.term_std.view(1, -1, 1, 1)
         return (standard * self.term_weights.view(1, -1, 1, 1)).sum(dim=1)
 
     def forward(self, terms: Tensor) -> tuple[Tensor, Tensor]:

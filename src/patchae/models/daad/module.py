@@ -57,6 +57,7 @@ class DAADModule(ReconstructionModule):
         lighting: Mapping[str, Any] | None = None,
         per_image_intensity: bool = False,
         seed: int = 0,
+        error_statistics: str = "global",
         scoring: Mapping[str, Any] | None = None,
         threshold: Mapping[str, Any] | None = None,
         preprocessing: Mapping[str, Any] | None = None,
@@ -78,7 +79,9 @@ class DAADModule(ReconstructionModule):
             per_image_intensity=per_image_intensity,
         )
         weights = (reconstruction_weight, feature_weight)
-        self.model = DAADModel(network, Discriminator(discriminator_width), weights, self.scoring)
+        self.model = DAADModel(
+            network, Discriminator(discriminator_width), weights, self.scoring, error_statistics
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images = batch["image"]

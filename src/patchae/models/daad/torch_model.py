@@ -28,8 +28,9 @@ class DAADModel(ReconstructionModel):
         discriminator: Discriminator,
         term_weights: Sequence[float],
         scoring: ScoringSettings,
+        error_statistics: str = "global",
     ) -> None:
-        super().__init__(StatisticsScorer(TERM_NAMES, term_weights, scoring))
+        super().__init__(StatisticsScorer(TERM_NAMES, term_weights, scoring, error_statistics))
         self.network = network
         self.discriminator = discriminator
 

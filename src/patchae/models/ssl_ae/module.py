@@ -60,6 +60,7 @@ class SSLAEModule(ReconstructionModule):
         inpaint_cells: Sequence[int] = (),
         inpaint_grid: int = 3,
         inpaint_training: float = 0.0,
+        error_statistics: str = "global",
         scoring: Mapping[str, Any] | None = None,
         threshold: Mapping[str, Any] | None = None,
         preprocessing: Mapping[str, Any] | None = None,
@@ -86,7 +87,7 @@ class SSLAEModule(ReconstructionModule):
             bottleneck_dilations=bottleneck_dilations,
             fold=fold,
         )
-        self.model = SSLAEModel(network, self.scoring, inpaint_cells, inpaint_grid)
+        self.model = SSLAEModel(network, self.scoring, inpaint_cells, inpaint_grid, error_statistics)
         mean, std = self.preprocessing.mean, self.preprocessing.std
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))

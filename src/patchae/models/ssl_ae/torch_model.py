@@ -28,8 +28,9 @@ class SSLAEModel(ReconstructionModel):
         scoring: ScoringSettings,
         inpaint_cells: Sequence[int] = (),
         inpaint_grid: int = 3,
+        error_statistics: str = "global",
     ) -> None:
-        super().__init__(StatisticsScorer(TERM_NAMES, (1.0,), scoring))
+        super().__init__(StatisticsScorer(TERM_NAMES, (1.0,), scoring, error_statistics))
         self.network = network
         self.inpaint_cells, self.inpaint_grid = check_inpainting(inpaint_cells, inpaint_grid)
 
