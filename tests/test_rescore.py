@@ -11,6 +11,7 @@ from checkpoint_fixture import train_tiny
 from patchae.benchmarks.rescore import METRICS, RescoreConfig, main, rescore
 from patchae.checkpoints import load_checkpoint
 from patchae.deploy.loading import load_model
+from patchae.errors import PatchAEError
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +88,13 @@ def test_a_model_setting_without_a_space_after_its_colon_says_so(capsys) -> None
         "model setting 'inpaint_training:0' has no value; write a space after each colon"
         in capsys.readouterr().err
     )
+
+
+def test_per_pixel_statistics_are_fitted_for_a_run_saved_with_global_ones(run_dir, tmp_path):
+    directory, results = run_dir
+    (row,) = rescore(RescoreConfig(runs=[str(directory)], model={"error_statistics": "per_pixel"}))["rows"]
+    # Another standardisation per pixel is another map (the global one only rescales SSL-AE's single term).
+    assert row["test_pixel_auroc"] != pytest.approx(results["pixel_auroc"], abs=1e-6)
+    # Loading it that way outside rescore says what to do, in one line.
+    with pytest.raises(PatchAEError, match="holds global error statistics, not per-pixel ones: retrain with"):
+        load_model(directory / "model.ckpt", fold_batchnorm=False, error_statistics="per_pixel")

@@ -22,6 +22,7 @@ training images, as at the end of its fit.
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +105,7 @@ def rescore(cfg: RescoreConfig) -> dict[str, Any]:
             )
         for sigma, method in itertools.product(cfg.blur_sigmas or [None], cfg.image_scores or [None]):
             settings = {**cfg.model, "blur_sigma": sigma, "image_score": method, "top_k": cfg.top_k}
-            module = load_model(run_dir / "model.ckpt", fold_batchnorm=False, **settings)
+            module = load_model(run_dir / "model.ckpt", fold_batchnorm=False, require_fitted=False, **settings)
             if not module.is_fitted:  # e.g. per-pixel error statistics asked of a run saved with global ones
                 module.fit_scorer(module.image_batches(datamodule.bank_dataloader()))
             scoring = module.model.scorer.scoring
@@ -128,6 +129,9 @@ def setting_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mean = {"blur_sigma": sigma, "image_score": method, "runs": len(group)}
         for key in (f"{split}_{name}" for split in SPLITS for name in METRICS):
             values = [row[key] for row in group]
+            if any(math.isnan(value) for value in values):  # e.g. pixel AUROC of image-level data
+                mean[key] = mean[f"{key}_std"] = math.nan
+                continue
             mean[key] = statistics.fmean(values)
             mean[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         means.append(mean)

@@ -88,7 +88,11 @@ def checkpoint_class(checkpoint: dict[str, Any], path: Path) -> type[AnomalyModu
 
 
 def load_model(
-    path: str | Path, device: str = "cpu", fold_batchnorm: bool = True, **overrides: Any
+    path: str | Path,
+    device: str = "cpu",
+    fold_batchnorm: bool = True,
+    require_fitted: bool = True,
+    **overrides: Any,
 ) -> AnomalyModule:
     """A trained model, in eval mode on ``device``, from a checkpoint written by train.py, for inference only:
     with ``fold_batchnorm`` its batch norms are folded into the convolutions before them
@@ -97,7 +101,9 @@ def load_model(
     ``overrides`` replace hyper-parameters the model was saved with: model arguments, or settings of its
     groups by their own name (``search="torch"`` sets ``bank.search``); names the model does not have are
     ignored. Pretrained weights are never downloaded: the checkpoint has them. Checkpoints written before the
-    settings were grouped (flat hyper-parameters, weights under their old names) load the same.
+    settings were grouped (flat hyper-parameters, weights under their old names) load the same. Without
+    ``require_fitted`` a model whose scorer the checkpoint cannot fill (per-pixel statistics asked of a run saved
+    with global ones) loads unfitted, for the caller to fit.
     """
     path = Path(path).expanduser()
     checkpoint = read_checkpoint(path)
@@ -125,7 +131,12 @@ def load_model(
             f"layers {hparams.get('layers')} ({detail}); it was saved from another model/backbone than its settings say: "
             "retrain, or use the model.ckpt of the matching run"
         ) from None
-    if not model.is_fitted:  # no memory bank (or, for reconstruction models, no normal statistics) yet
+    if not model.is_fitted and require_fitted and overrides.get("error_statistics", "global") != "global":
+        raise PatchAEError(
+            f"checkpoint {path} holds global error statistics, not per-pixel ones: retrain with "
+            "model.error_statistics=per_pixel, or rescore it (python -m patchae.benchmarks.rescore fits them)"
+        )
+    if not model.is_fitted and require_fitted:  # no memory bank (or, for reconstruction models, no statistics) yet
         raise PatchAEError(
             f"checkpoint {path} has no memory bank (saved before the end of training); use the model.ckpt a finished run wrote"
         )

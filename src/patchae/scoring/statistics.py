@@ -13,8 +13,9 @@ from patchae.scoring.maps import anomaly_maps, full_precision, image_scores
 from patchae.settings import ScoringSettings
 
 
-# global: each error term's mean and std over all pixels | per_pixel: also per pixel position (our option)
-STATISTICS = ("global", "per_pixel")
+# global: each error term's mean and std over all pixels | per_pixel: a mean and std per pixel position |
+# per_pixel_mean: a mean per pixel position, the global std (both ours)
+STATISTICS = ("global", "per_pixel", "per_pixel_mean")
 
 
 class StatisticsScorer(nn.Module):
@@ -29,7 +30,8 @@ class StatisticsScorer(nn.Module):
     has at that place (the edge of a fixtured part, a reflection) counts for less, one where normal images are
     quiet for more. The per-pixel variance is shrunk towards the global one (their sum), so that a position whose
     few normal errors happened to be alike cannot blow its standardised error up. Images must then have the size
-    the statistics were fitted at.
+    the statistics were fitted at. ``per_pixel_mean`` subtracts the per-pixel mean but divides by the global std,
+    so a place where normal errors vary a lot (where real defects may lie too) is not damped.
     """
 
     def __init__(
@@ -42,7 +44,7 @@ class StatisticsScorer(nn.Module):
         super().__init__()
         if statistics not in STATISTICS:
             raise PatchAEError(
-                f"model.error_statistics={statistics} is unknown; use {' or '.join(STATISTICS)}"
+                f"model.error_statistics={statistics} is unknown; use one of {', '.join(STATISTICS)}"
             )
         self.statistics = statistics
         self.scoring = scoring or ScoringSettings()
@@ -67,7 +69,7 @@ class StatisticsScorer(nn.Module):
 
     @property
     def per_pixel(self) -> bool:
-        return self.statistics == "per_pixel"
+        return self.statistics != "global"
 
     def twin(self) -> StatisticsScorer:
         """An unfitted scorer with the same settings (what validation fits with the current weights)."""
@@ -113,7 +115,7 @@ class StatisticsScorer(nn.Module):
     def fit(self, terms: Iterable[Tensor]) -> None:
         """Mean and std of every error term over all pixels of the (B, T, H, W) batches ``terms`` (normal images);
         per pixel position too, with ``statistics="per_pixel"``."""
-        images, total, squares = 0, torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        images, total, squares = 0, torch.zeros(()), torch.zeros(())
         for batch in terms:
             batch = batch.double().cpu()
             if images and batch.shape[1:] != total.shape:
@@ -147,7 +149,8 @@ class StatisticsScorer(nn.Module):
                     f"images {tuple(terms.shape[-2:])}: score images of the size it was trained at, or retrain "
                     "with model.error_statistics=global"
                 )
-            standard = (terms - self.pixel_mean) / self.pixel_std
+            std = self.pixel_std if self.statistics == "per_pixel" else self.term_std.view(-1, 1, 1)
+            standard = (terms - self.pixel_mean) / std
         else:
             standard = (terms - self.term_mean.view(1, -1, 1, 1)) / self.term_std.view(1, -1, 1, 1)
         return (standard * self.term_weights.view(1, -1, 1, 1)).sum(dim=1)
