@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from checkpoint_fixture import train_tiny
+from patchae.deploy.loading import load_model
 from patchae.errors import PatchAEError
 from patchae.scoring import StatisticsScorer
 from patchae.settings import ScoringSettings
@@ -77,10 +79,34 @@ def test_per_pixel_statistics_survive_a_state_dict_round_trip(fitted):
 
 
 def test_images_of_another_size_and_unknown_statistics_are_one_line_errors(fitted):
-    with pytest.raises(PatchAEError, match=r"per-pixel error statistics are \(32, 32\) pixels, the images \(16, 16\)"):
+    with pytest.raises(
+        PatchAEError, match=r"per-pixel error statistics are \(32, 32\) pixels, the images \(16, 16\)"
+    ):
         fitted["per_pixel"](torch.rand(1, 1, 16, 16))
-    with pytest.raises(PatchAEError, match="model.error_statistics=local is unknown; use one of global, per_pixel, per_pixel_mean"):
+    with pytest.raises(
+        PatchAEError,
+        match="model.error_statistics=local is unknown; use one of global, per_pixel, per_pixel_mean",
+    ):
         scorer("local")
     unequal = [torch.rand(1, 1, SIZE, SIZE), torch.rand(1, 1, 16, 16)]
     with pytest.raises(PatchAEError, match="fitted on images of one size"):
         scorer("per_pixel").fit(unequal)
+
+
+def test_a_run_trained_with_per_pixel_statistics_saves_and_reloads_them(tmp_path):
+    run = train_tiny(tmp_path, "model=daad", "model.error_statistics=per_pixel_mean", "data.batch_size=2")
+    model = load_model(run.ckpt, fold_batchnorm=False)
+    scorer = model.model.scorer
+    assert scorer.statistics == "per_pixel_mean" and scorer.pixel_mean.shape == (2, 64, 64)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    global_model = load_model(run.ckpt, fold_batchnorm=False, error_statistics="global")
+    with torch.no_grad():  # scoring, as predict does (the map operators were cached by the run's test)
+        maps, _ = model(images)
+        # The same weights read with their global statistics (saved beside) give another map.
+        global_maps, _ = global_model(images)
+        assert maps.shape == global_maps.shape == (2, 64, 64)
+        assert not torch.allclose(maps, global_maps, atol=1e-3)
+        with pytest.raises(
+            PatchAEError, match=r"per-pixel error statistics are \(64, 64\) pixels, the images \(96, 96\)"
+        ):
+            model(torch.randn(1, 3, 96, 96))

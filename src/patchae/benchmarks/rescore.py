@@ -105,7 +105,9 @@ def rescore(cfg: RescoreConfig) -> dict[str, Any]:
             )
         for sigma, method in itertools.product(cfg.blur_sigmas or [None], cfg.image_scores or [None]):
             settings = {**cfg.model, "blur_sigma": sigma, "image_score": method, "top_k": cfg.top_k}
-            module = load_model(run_dir / "model.ckpt", fold_batchnorm=False, require_fitted=False, **settings)
+            module = load_model(
+                run_dir / "model.ckpt", fold_batchnorm=False, require_fitted=False, **settings
+            )
             if not module.is_fitted:  # e.g. per-pixel error statistics asked of a run saved with global ones
                 module.fit_scorer(module.image_batches(datamodule.bank_dataloader()))
             scoring = module.model.scorer.scoring

@@ -136,7 +136,9 @@ def load_model(
             f"checkpoint {path} holds global error statistics, not per-pixel ones: retrain with "
             "model.error_statistics=per_pixel, or rescore it (python -m patchae.benchmarks.rescore fits them)"
         )
-    if not model.is_fitted and require_fitted:  # no memory bank (or, for reconstruction models, no statistics) yet
+    if (
+        not model.is_fitted and require_fitted
+    ):  # no memory bank (or, for reconstruction models, no statistics) yet
         raise PatchAEError(
             f"checkpoint {path} has no memory bank (saved before the end of training); use the model.ckpt a finished run wrote"
         )

@@ -12,7 +12,6 @@ from patchae.errors import PatchAEError
 from patchae.scoring.maps import anomaly_maps, full_precision, image_scores
 from patchae.settings import ScoringSettings
 
-
 # global: each error term's mean and std over all pixels | per_pixel: a mean and std per pixel position |
 # per_pixel_mean: a mean per pixel position, the global std (both ours)
 STATISTICS = ("global", "per_pixel", "per_pixel_mean")
@@ -63,7 +62,9 @@ class StatisticsScorer(nn.Module):
         # Mean and standard deviation of each term over the normal training pixels; std 0 = not fitted yet.
         self.register_buffer("term_mean", torch.zeros(len(self.term_names)))
         self.register_buffer("term_std", torch.zeros(len(self.term_names)))
-        if self.per_pixel:  # (T, H, W) once fitted; only then, so global scorers keep their saved state as it was
+        if (
+            self.per_pixel
+        ):  # (T, H, W) once fitted; only then, so global scorers keep their saved state as it was
             self.register_buffer("pixel_mean", torch.empty(0))
             self.register_buffer("pixel_std", torch.empty(0))
 
@@ -73,9 +74,9 @@ class StatisticsScorer(nn.Module):
 
     def twin(self) -> StatisticsScorer:
         """An unfitted scorer with the same settings (what validation fits with the current weights)."""
-        return StatisticsScorer(self.term_names, self.term_weights.tolist(), self.scoring, self.statistics).to(
-            self.term_mean.device
-        )
+        return StatisticsScorer(
+            self.term_names, self.term_weights.tolist(), self.scoring, self.statistics
+        ).to(self.term_mean.device)
 
     def _load_from_state_dict(
         self,
@@ -84,19 +85,23 @@ class StatisticsScorer(nn.Module):
         local_metadata: dict[str, Any],
         strict: bool,
         missing_keys: list[str],
+        unexpected_keys: list[str],
         *args: Any,
         **kwargs: Any,
     ) -> None:
-        # Per-pixel maps have the fitted size: shape the buffers before the saved ones are copied in. A scorer
-        # saved with global statistics loads as an unfitted per-pixel one (to be refitted, e.g. by rescore).
+        # Per-pixel maps have the fitted size: shape the buffers before the saved ones are copied in. A state saved
+        # with global statistics loads as an unfitted per-pixel scorer (to be refitted, e.g. by rescore), and one
+        # saved with per-pixel statistics as a global scorer (their global mean and std are saved beside).
+        names = (prefix + "pixel_mean", prefix + "pixel_std")
         if self.per_pixel:
-            for name in ("pixel_mean", "pixel_std"):
-                saved = state_dict.get(prefix + name)
-                device = self.term_mean.device
-                setattr(self, name, torch.empty(0, device=device) if saved is None else torch.empty_like(saved, device=device))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
-        if self.per_pixel:
-            missing_keys[:] = [k for k in missing_keys if k not in (prefix + "pixel_mean", prefix + "pixel_std")]
+            for name in names:
+                saved = state_dict.get(name, torch.empty(0))
+                setattr(self, name[len(prefix) :], torch.empty_like(saved, device=self.term_mean.device))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, *args, **kwargs
+        )
+        missing_keys[:] = [key for key in missing_keys if key not in names]
+        unexpected_keys[:] = [key for key in unexpected_keys if key not in names]
 
     @property
     def is_fitted(self) -> bool:
