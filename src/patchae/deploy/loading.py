@@ -136,9 +136,8 @@ def load_model(
             f"checkpoint {path} holds global error statistics, not per-pixel ones: retrain with "
             "model.error_statistics=per_pixel, or rescore it (python -m patchae.benchmarks.rescore fits them)"
         )
-    if (
-        not model.is_fitted and require_fitted
-    ):  # no memory bank (or, for reconstruction models, no statistics) yet
+    # No memory bank yet (or, for a reconstruction model, no normal statistics).
+    if not model.is_fitted and require_fitted:
         raise PatchAEError(
             f"checkpoint {path} has no memory bank (saved before the end of training); use the model.ckpt a finished run wrote"
         )

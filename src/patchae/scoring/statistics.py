@@ -62,9 +62,8 @@ class StatisticsScorer(nn.Module):
         # Mean and standard deviation of each term over the normal training pixels; std 0 = not fitted yet.
         self.register_buffer("term_mean", torch.zeros(len(self.term_names)))
         self.register_buffer("term_std", torch.zeros(len(self.term_names)))
-        if (
-            self.per_pixel
-        ):  # (T, H, W) once fitted; only then, so global scorers keep their saved state as it was
+        # Per-pixel statistics, (T, H, W) once fitted; only per-pixel scorers have them (a global one saves as before).
+        if self.per_pixel:
             self.register_buffer("pixel_mean", torch.empty(0))
             self.register_buffer("pixel_std", torch.empty(0))
 
@@ -119,28 +118,35 @@ class StatisticsScorer(nn.Module):
     @torch.no_grad()
     def fit(self, terms: Iterable[Tensor]) -> None:
         """Mean and std of every error term over all pixels of the (B, T, H, W) batches ``terms`` (normal images);
-        per pixel position too, with ``statistics="per_pixel"``."""
-        images, total, squares = 0, torch.zeros(()), torch.zeros(())
+        per pixel position too, with per-pixel statistics (the images then of one size)."""
+        count, total = 0, torch.zeros(len(self.term_names), dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        images, pixel_total, pixel_squares = 0, torch.zeros(()), torch.zeros(())
         for batch in terms:
             batch = batch.double().cpu()
-            if images and batch.shape[1:] != total.shape:
+            count += batch.numel() // batch.shape[1]
+            total += batch.sum(dim=(0, 2, 3))
+            squares += batch.pow(2).sum(dim=(0, 2, 3))
+            if not self.per_pixel:
+                continue
+            if images and batch.shape[1:] != pixel_total.shape:
                 raise PatchAEError(
-                    f"normal images of different sizes ({tuple(total.shape[-2:])} and {tuple(batch.shape[-2:])}): "
-                    "error statistics are fitted on images of one size (data.image_size)"
+                    f"normal images of different sizes ({tuple(pixel_total.shape[-2:])} and {tuple(batch.shape[-2:])}):"
+                    " per-pixel error statistics are fitted on images of one size (data.image_size)"
                 )
             images += batch.shape[0]
-            total = total + batch.sum(dim=0)
-            squares = squares + batch.pow(2).sum(dim=0)
-        if images == 0:
+            pixel_total = pixel_total + batch.sum(dim=0)
+            pixel_squares = pixel_squares + batch.pow(2).sum(dim=0)
+        if count == 0:
             raise PatchAEError("no normal training images to fit the anomaly-map statistics on")
-        pixels = images * total.shape[-2] * total.shape[-1]
-        mean = total.sum(dim=(1, 2)) / pixels
-        variance = (squares.sum(dim=(1, 2)) / pixels - mean.pow(2)).clamp_min(0)
+        mean = total / count
+        variance = (squares / count - mean.pow(2)).clamp_min(0)
         self.term_mean = mean.float().to(self.term_mean.device)
         self.term_std = variance.sqrt().clamp_min(1e-12).float().to(self.term_std.device)
         if self.per_pixel:
-            pixel_mean = total / images
-            pixel_variance = (squares / images - pixel_mean.pow(2)).clamp_min(0)
+            pixel_mean = pixel_total / images
+            pixel_variance = (pixel_squares / images - pixel_mean.pow(2)).clamp_min(0)
+            # Shrunk towards the global variance: a position whose normal errors happened to agree stays sane.
             pixel_std = (pixel_variance + variance.view(-1, 1, 1)).sqrt().clamp_min(1e-12)
             self.pixel_mean = pixel_mean.float().to(self.term_mean.device)
             self.pixel_std = pixel_std.float().to(self.term_mean.device)
