@@ -90,7 +90,7 @@ def test_a_model_setting_without_a_space_after_its_colon_says_so(capsys) -> None
     )
 
 
-def test_per_pixel_statistics_are_fitted_for_a_run_saved_with_global_ones(run_dir, tmp_path):
+def test_per_pixel_statistics_are_fitted_for_a_run_saved_with_global_ones(run_dir):
     directory, results = run_dir
     (row,) = rescore(RescoreConfig(runs=[str(directory)], model={"error_statistics": "per_pixel"}))["rows"]
     # Another standardisation per pixel is another map (the global one only rescales SSL-AE's single term).

@@ -131,13 +131,13 @@ def load_model(
             f"layers {hparams.get('layers')} ({detail}); it was saved from another model/backbone than its settings say: "
             "retrain, or use the model.ckpt of the matching run"
         ) from None
-    if not model.is_fitted and require_fitted and overrides.get("error_statistics", "global") != "global":
-        raise PatchAEError(
-            f"checkpoint {path} holds global error statistics, not per-pixel ones: retrain with "
-            "model.error_statistics=per_pixel, or rescore it (python -m patchae.benchmarks.rescore fits them)"
-        )
-    # No memory bank yet (or, for a reconstruction model, no normal statistics).
+    # No memory bank yet (or, for a reconstruction model, no normal statistics of the kind asked for).
     if not model.is_fitted and require_fitted:
+        if overrides.get("error_statistics", "global") != "global":
+            raise PatchAEError(
+                f"checkpoint {path} holds global error statistics, not per-pixel ones: retrain with "
+                "model.error_statistics=per_pixel, or rescore it (python -m patchae.benchmarks.rescore fits them)"
+            )
         raise PatchAEError(
             f"checkpoint {path} has no memory bank (saved before the end of training); use the model.ckpt a finished run wrote"
         )
