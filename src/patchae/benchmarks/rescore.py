@@ -157,7 +157,7 @@ def format_results(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return run_command(__name__, __doc__, RescoreConfig, rescore, format_results, argv)
+    return run_command("patchae.benchmarks.rescore", __doc__, RescoreConfig, rescore, format_results, argv)
 
 
 if __name__ == "__main__":
