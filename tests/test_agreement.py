@@ -105,3 +105,49 @@ def test_a_bad_argument_names_the_command_to_ask_for_help(capsys):
     with pytest.raises(SystemExit):
         main(["baseline=[*_s0]"])
     assert "see python -m patchae.benchmarks.agreement --help" in capsys.readouterr().err
+
+
+def rescore_row(folder, val, test, placement="foreground", kinds=("warp",)):
+    row = {"run": str(folder), "val_placement": placement, "val_kinds": list(kinds), "test_image_auroc": test}
+    row.update(
+        val_image_auroc=val, val_pixel_auroc=val, val_aupro=val, test_pixel_auroc=None, test_aupro=None
+    )
+    return row
+
+
+def test_rescored_rows_replace_the_figures_and_the_validation_they_were_made_with(tmp_path):
+    base = write_run(tmp_path, "base", 0, val=0.8, test=0.6, placement="uniform")
+    same = write_run(tmp_path, "same", 0, val=0.9, test=0.7, placement="uniform")
+    other = write_run(tmp_path, "other", 1, val=0.9, test=0.7, placement="uniform")
+    write_run(tmp_path, "base1", 1, val=0.8, test=0.6, placement="uniform")
+    rescored = tmp_path / "rescore.json"
+    rows = [rescore_row(base, 0.70, 0.60), rescore_row(same, 0.60, 0.70), rescore_row(other, 0.95, 0.7)]
+    rescored.write_text(json.dumps({"rows": rows, "means": []}))
+    got = agreement(
+        AgreementConfig(
+            baseline=[str(tmp_path / "base*")],
+            candidates=[str(tmp_path / "same"), str(tmp_path / "other")],
+            rescored=[str(rescored)],
+        )
+    )
+    # "same" and its baseline were both rescored with warps: validation fell 0.1 where results.json said +0.1.
+    (pair,) = got["pairs"]
+    assert pair["val_image_auroc_change"] == pytest.approx(-0.1) and pair["test_change"] == pytest.approx(0.1)
+    # "other" was rescored, its baseline (seed 1) was not: validated otherwise.
+    (item,) = got["unpaired"]
+    assert item["run"].endswith("other/daad/screw") and "'kinds': ['warp']" in item["why"]
+
+
+def test_a_file_that_is_no_rescore_output_is_a_one_line_error(tmp_path, capsys):
+    write_run(tmp_path, "base", 0, val=0.8, test=0.6)
+    (tmp_path / "x.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit):
+        main(
+            [
+                f"baseline=[{tmp_path / 'base'}]",
+                f"candidates=[{tmp_path / 'base'}]",
+                f"rescored=[{tmp_path / 'x.json'}]",
+            ]
+        )
+    error = capsys.readouterr().err
+    assert "is no rescore output" in error and error.count("\n") == 1

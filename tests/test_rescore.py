@@ -70,6 +70,15 @@ def test_model_settings_and_validation_placement_reach_every_row(run_dir):
     assert row["test_pixel_auroc"] != pytest.approx(results["pixel_auroc"], abs=1e-6)
 
 
+def test_validation_kinds_change_validation_and_leave_the_test_alone(run_dir):
+    directory, results = run_dir
+    (row,) = rescore(RescoreConfig(runs=[str(directory)], val_kinds=["warp"]))["rows"]
+    assert row["val_kinds"] == ["warp"]
+    assert row["val_pixel_auroc"] != pytest.approx(results["val_pixel_auroc"], abs=1e-6)
+    for name in METRICS:
+        assert row[f"test_{name}"] == pytest.approx(results[name], abs=1e-6)
+
+
 def test_an_option_newer_than_the_checkpoint_can_still_be_set(run_dir, tmp_path):
     directory, _ = run_dir
     checkpoint = load_checkpoint(directory / "model.ckpt", mmap=False)

@@ -241,3 +241,35 @@ def test_foreground_validation_keeps_uniform_draws_without_an_object(tmp_path) -
 def test_an_unknown_validation_placement_says_what_to_use(tmp_path) -> None:
     with pytest.raises(PatchAEError, match=r"validation.placement='object' is unknown; use uniform"):
         SyntheticDataModule(root=tmp_path, val_placement="object")
+
+
+def test_warp_defects_move_the_objects_own_material_and_mask_exactly_what_changed(tmp_path) -> None:
+    samples = _object_images(tmp_path)
+    dataset = SyntheticDefectDataset(
+        samples, ImageTransform(64), CutPaste(), PerlinBlend(), 3, placement="foreground", kinds=["warp"]
+    )
+    for index in range(len(dataset)):
+        item = dataset[index]
+        if index % dataset.versions == 0:
+            assert item["defect_type"] == "good" and item["label"] == 0
+            continue
+        clean = dataset[index - index % dataset.versions]["image"]
+        changed = (item["image"] != clean).any(dim=0)
+        assert item["defect_type"] == "warp" and item["label"] == 1
+        assert torch.equal(changed, item["mask"][0].bool())
+        assert item["mask"][0, 24:43, 24:43].sum() >= item["mask"].sum() / 2  # on the object
+        # Displaced by at most 4 % of the side (2.6 px): every pixel holds values found within 3 px of it in
+        # the clean image, no foreign colour (normalisation is increasing per channel, so ranges carry over).
+        pool = torch.nn.functional.max_pool2d
+        high, low = pool(clean[None], 7, 1, 3)[0], -pool(-clean[None], 7, 1, 3)[0]
+        assert bool(((item["image"] >= low - 1e-5) & (item["image"] <= high + 1e-5)).all())
+
+
+def test_an_unknown_validation_kind_says_what_to_use(tmp_path) -> None:
+    with pytest.raises(
+        PatchAEError,
+        match=r"validation.kinds=\['scratch'\] must be a non-empty list of cutpaste, perlin, warp",
+    ):
+        SyntheticDataModule(root=tmp_path, val_kinds=["scratch"])
+    with pytest.raises(PatchAEError, match="non-empty"):
+        SyntheticDataModule(root=tmp_path, val_kinds=[])

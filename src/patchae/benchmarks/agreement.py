@@ -8,9 +8,14 @@ whether a rise there is a rise on real defects. Every ``results.json`` under the
 keyed by model, category and seed; each candidate run is paired with the baseline run of the same key, and each
 pair gives the change of every validation figure and of the test's image AUROC. Per model and category the
 command counts how often the test moved the way each validation figure did, the Spearman correlation of the
-changes, and how often the test rose when validation's image AUROC rose, and when it fell. Reading test figures
-is the point here: use it to judge a validation, not to choose a setting. Quote a glob that starts with ``*``
-inside a list (``'candidates=["*_s0"]'``): unquoted, it reads as a YAML alias.
+changes, and how often the test rose when validation's image AUROC rose, and when it fell. Pairs validated
+otherwise (``validation.placement``, ``kinds``, ``defects_per_image``) are not compared.
+
+``rescored=[rescore.json,...]``: outputs of ``python -m patchae.benchmarks.rescore`` (one row per run) whose
+figures and validation settings replace those of the runs they name, so one validation can be judged against
+another on the same weights without retraining. Reading test figures is the point here: use it to judge a
+validation, not to choose a setting. Quote a glob that starts with ``*`` inside a list
+(``'candidates=["*_s0"]'``): unquoted, it reads as a YAML alias.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from patchae.errors import PatchAEError
 
 VALIDATION = ("val_image_auroc", "val_pixel_auroc", "val_aupro")
 TEST = "image_auroc"
-# What a validation figure measures; pairs that differ here are not compared (placement was added later: uniform).
-VALIDATION_SETTINGS = {"placement": "uniform", "defects_per_image": None}
+# What a validation figure measures, with the value of runs from before the setting existed; pairs that differ
+# here are not compared.
+VALIDATION_SETTINGS = {"placement": "uniform", "kinds": ["cutpaste", "perlin"], "defects_per_image": 2}
 
 
 @dataclass
@@ -40,31 +46,73 @@ class AgreementConfig:
 
     baseline: list[str] = field(default_factory=list)  # folders (globs) holding the baseline's results.json
     candidates: list[str] = field(default_factory=list)  # folders (globs) holding the other settings' runs
+    rescored: list[str] = field(
+        default_factory=list
+    )  # rescore outputs whose rows replace their runs' figures
     output: str | None = None  # a .json file for the results
 
 
-def find_results(patterns: list[str], role: str) -> list[tuple[str, dict[str, Any]]]:
-    """(run folder, results) for every results.json under the folders the patterns match."""
-    found = []
+@dataclass
+class Run:
+    folder: str
+    results: dict[str, Any]  # results.json's figures (val_*, image_auroc), or a rescore row's
+    validation: dict[str, Any] | None  # VALIDATION_SETTINGS' keys; None when the run's config is unknown
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return str(self.results["model"]), str(self.results["category"]), int(self.results["seed"])
+
+
+def rescored_rows(files: list[str]) -> dict[Path, dict[str, Any]]:
+    """The rows of rescore outputs by their run's resolved folder; a one-line error for two rows of one run."""
+    rows: dict[Path, dict[str, Any]] = {}
+    for file in files:
+        try:
+            found = json.loads(Path(file).read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise PatchAEError(
+                f"rescored={file} is no rescore output; give the output=... file of python -m patchae.benchmarks.rescore"
+            ) from None
+        for row in found:
+            folder = Path(row["run"]).resolve()
+            if folder in rows:
+                raise PatchAEError(
+                    f"two rescored rows for {row['run']}: rescore each run under one setting per file set"
+                )
+            rows[folder] = row
+    return rows
+
+
+def find_runs(patterns: list[str], role: str, rescored: dict[Path, dict[str, Any]]) -> list[Run]:
+    """Every run with a results.json under the folders the patterns match, rescored where a row names it."""
+    runs = []
     for pattern in patterns:
         for folder in sorted(glob.glob(pattern)) or [pattern]:
             path = Path(folder)
             files = [path] if path.name == "results.json" else sorted(path.rglob("results.json"))
-            found += [(str(file.parent), json.loads(file.read_text())) for file in files]
-    if not found:
+            for file in files:
+                run = Run(str(file.parent), json.loads(file.read_text()), validation_settings(file.parent))
+                row = rescored.get(file.parent.resolve())
+                if row is not None:
+                    run.results = {
+                        **run.results,
+                        **{k: row[k] for k in VALIDATION},
+                        TEST: row[f"test_{TEST}"],
+                    }
+                    run.validation = {**(run.validation or VALIDATION_SETTINGS)}
+                    run.validation.update(placement=row["val_placement"])
+                    run.validation.update(kinds=row.get("val_kinds", VALIDATION_SETTINGS["kinds"]))
+                runs.append(run)
+    if not runs:
         raise PatchAEError(
             f"no results.json under {role}={patterns}; name the folders train.py or the benchmark wrote"
         )
-    return found
+    return runs
 
 
-def key(results: dict[str, Any]) -> tuple[str, str, int]:
-    return str(results["model"]), str(results["category"]), int(results["seed"])
-
-
-def validation_settings(run: str) -> dict[str, Any] | None:
+def validation_settings(run: Path) -> dict[str, Any] | None:
     """The run's synthetic-defect validation settings from its .hydra/config.yaml; None without that file."""
-    config = Path(run) / ".hydra" / "config.yaml"
+    config = run / ".hydra" / "config.yaml"
     if not config.is_file():
         return None
     validation = OmegaConf.to_container(OmegaConf.load(config)).get("validation") or {}
@@ -78,35 +126,30 @@ def change(candidate: dict[str, Any], base: dict[str, Any], name: str) -> float:
 
 
 def agreement(cfg: AgreementConfig) -> dict[str, Any]:
-    baseline: dict[tuple[str, str, int], str] = {}
-    base_results = {}
-    for folder, results in find_results(cfg.baseline, "baseline"):
-        if key(results) in baseline:
+    rescored = rescored_rows(cfg.rescored)
+    baseline: dict[tuple[str, str, int], Run] = {}
+    for run in find_runs(cfg.baseline, "baseline", rescored):
+        if run.key in baseline:
             raise PatchAEError(
-                f"two baseline runs for model, category, seed {key(results)}: {baseline[key(results)]} and "
-                f"{folder}; keep one"
+                f"two baseline runs for model, category, seed {run.key}: {baseline[run.key].folder} and "
+                f"{run.folder}; keep one"
             )
-        baseline[key(results)], base_results[key(results)] = folder, results
+        baseline[run.key] = run
     pairs, unpaired = [], []
-    for folder, results in find_results(cfg.candidates, "candidates"):
-        base = base_results.get(key(results))
+    for run in find_runs(cfg.candidates, "candidates", rescored):
+        base = baseline.get(run.key)
         if base is None:
-            unpaired.append({"run": folder, "why": "no baseline run of its model, category and seed"})
+            unpaired.append({"run": run.folder, "why": "no baseline run of its model, category and seed"})
             continue
-        if folder == baseline[key(results)]:
+        if run.folder == base.folder:
             continue
-        settings = validation_settings(folder), validation_settings(baseline[key(results)])
-        if settings[0] != settings[1]:
-            unpaired.append(
-                {
-                    "run": folder,
-                    "why": f"validated otherwise than its baseline: {settings[0]} vs {settings[1]}",
-                }
-            )
+        if run.validation != base.validation:
+            why = f"validated otherwise than its baseline: {run.validation} vs {base.validation}"
+            unpaired.append({"run": run.folder, "why": why})
             continue
-        pair = {"run": folder, "baseline": baseline[key(results)], "model": key(results)[0]}
-        pair.update(category=key(results)[1], seed=key(results)[2], test_change=change(results, base, TEST))
-        pair.update({f"{name}_change": change(results, base, name) for name in VALIDATION})
+        pair = {"run": run.folder, "baseline": base.folder, "model": run.key[0], "category": run.key[1]}
+        pair.update(seed=run.key[2], test_change=change(run.results, base.results, TEST))
+        pair.update({f"{name}_change": change(run.results, base.results, name) for name in VALIDATION})
         pairs.append(pair)
     groups = sorted({(pair["model"], pair["category"]) for pair in pairs})
     summaries = [

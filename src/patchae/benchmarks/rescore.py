@@ -12,7 +12,8 @@ weights). Without retraining, a setting can then be chosen on validation alone, 
 rows. An empty list keeps the run's own setting.
 
 ``model`` replaces model settings by name for every row, e.g. ``'model={inpaint_cells:[8,16]}'`` (SSL-AE scored by
-inpainting); ``val_placement=foreground`` puts validation's synthetic defects on the object (``validation.placement``).
+inpainting); ``val_placement=foreground`` puts validation's synthetic defects on the object (``validation.placement``),
+``'val_kinds=[warp]'`` chooses their kinds (``validation.kinds``).
 Statistics a reconstruction model keeps of its normal errors are not refitted: for a single error term (SSL-AE)
 they rescale the map and leave every AUROC and AUPRO as a refitted run would give them. Statistics the checkpoint
 does not hold (``'model={error_statistics: per_pixel}'`` of a run saved with global ones) are fitted on the run's
@@ -52,6 +53,7 @@ class RescoreConfig:
     # Model settings replaced by name, for every row (load_model's overrides), e.g. {inpaint_cells: [8]}
     model: dict[str, Any] = field(default_factory=dict)
     val_placement: str | None = None  # uniform | foreground (validation.placement); empty: each run's own
+    val_kinds: list[str] | None = None  # of cutpaste, perlin, warp (validation.kinds); empty: each run's own
     output: str | None = None  # a .json file for the results
 
 
@@ -97,6 +99,8 @@ def rescore(cfg: RescoreConfig) -> dict[str, Any]:
         config = run_config(run_dir)
         if cfg.val_placement is not None:
             config.data.val_placement = cfg.val_placement
+        if cfg.val_kinds is not None:
+            config.data.val_kinds = list(cfg.val_kinds)
         datamodule = build_datamodule(config)
         datamodule.setup("test")
         if not datamodule.has_validation:
@@ -113,6 +117,7 @@ def rescore(cfg: RescoreConfig) -> dict[str, Any]:
             scoring = module.model.scorer.scoring
             row = {"run": str(run_dir), "blur_sigma": scoring.blur_sigma, "image_score": scoring.image_score}
             row.update(model=dict(cfg.model), val_placement=datamodule.val_placement)
+            row["val_kinds"] = list(datamodule.val_kinds)
             if scoring.image_score == "topk":
                 row["image_score"] = f"topk {scoring.top_k:g}"
             for split in SPLITS:

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from patchae.data.cache import DecodedImages, cache_bytes
-from patchae.data.corruption import PLACEMENTS, foreground_mask
+from patchae.data.corruption import PLACEMENTS, Corruption, foreground_mask
 from patchae.data.cutpaste import CutPaste
 from patchae.data.datasets import dataset_spec
 from patchae.data.datasets.folder import folder_samples
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 ON_OBJECT_SHARE = 0.5  # foreground placement: least share of a defect's changed pixels that lie on the object
 ON_OBJECT_TRIES = 20  # draws before a defect that misses the object is kept anyway (a thin or tiny object)
+VAL_KINDS = ("cutpaste", "perlin", "warp")  # validation's synthetic defects (validation.kinds)
 
 
 def seeded_generator(*keys: int) -> torch.Generator:
@@ -143,9 +144,11 @@ def check_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int], sam
 
 class SyntheticDefectDataset(Dataset):
     """Label-free validation images: each normal image clean, then with ``defects_per_image`` synthetic
-    defects, alternately CutPaste (the kind training sees) and a Perlin-shaped blend of another of these
-    images (a kind it never sees), each with the exact mask of the pixels it changed. The same items every
-    time they are read (seeded by image and version), so validations of different epochs compare.
+    defects of ``kinds`` in turn, each with the exact mask of the pixels it changed: ``cutpaste`` (the kind
+    Patch AE trains on), ``perlin`` (a Perlin-shaped blend of another of these images) and ``warp`` (one region
+    of the image geometrically distorted: the same material in the wrong shape, as a bent tip or a dented
+    thread, where the other two bring in foreign content). The same items every time they are read (seeded by
+    image and version), so validations of different epochs compare.
 
     ``placement="foreground"`` keeps a defect only when at least ``ON_OBJECT_SHARE`` of its changed pixels lie
     on the object (:func:`~patchae.data.corruption.foreground_mask`: pixels unlike the image's border), drawing
@@ -162,9 +165,15 @@ class SyntheticDefectDataset(Dataset):
         defects_per_image: int = 2,
         seed: int = 0,
         placement: str = "uniform",
+        kinds: Sequence[str] = ("cutpaste", "perlin"),
     ) -> None:
         check_val_placement(placement)
         self.placement = placement
+        self.kinds = check_val_kinds(kinds)
+        # One region, replaced outright by its warped self, no noise: the corruption's warp fill alone.
+        self.warp = Corruption(
+            regions=(1, 1), fills=("warp",), opacity=(1.0, 1.0), noise_std=0.0, placement=placement
+        )
         self.samples = list(samples)
         self.transform = transform
         self.cutpaste = dataclasses.replace(cutpaste, probability=1.0)
@@ -185,7 +194,7 @@ class SyntheticDefectDataset(Dataset):
         mask = torch.zeros((1, *image.shape[-2:]), dtype=torch.float32)
         kind = "good"
         if version > 0:
-            kind = "cutpaste" if version % 2 == 1 else "perlin"
+            kind = self.kinds[(version - 1) % len(self.kinds)]
             image, mask = self.defect(
                 image, image_index, kind, seeded_generator(self.seed, image_index, version)
             )
@@ -210,7 +219,9 @@ class SyntheticDefectDataset(Dataset):
         on_object = foreground_mask(image) if self.placement == "foreground" else None
         tries = ON_OBJECT_TRIES if on_object is not None and on_object.any() else 1
         for _ in range(tries):
-            if source is None:
+            if kind == "warp":
+                defective, mask = self.warped(image, generator)
+            elif source is None:
                 defective, mask = self.cutpaste(image, generator=generator)
             else:
                 defective, mask = self.perlin(image, source, generator)
@@ -218,6 +229,31 @@ class SyntheticDefectDataset(Dataset):
             if tries == 1 or on_object[changed].float().mean() >= ON_OBJECT_SHARE:
                 break
         return defective, mask
+
+    def warped(self, image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``image`` with one warped region, rounded to the 8-bit grey levels the image came in, so that the
+        mask holds exactly the pixels whose stored value changed (a sub-level shift of a flat area is none);
+        drawn again while a draw changes nothing (a region on a flat background)."""
+        levels = (image * 255).round()
+        for _ in range(ON_OBJECT_TRIES):
+            warped, _ = self.warp(image, generator=generator)
+            warped_levels = (warped * 255).round()
+            mask = (warped_levels != levels).any(dim=0, keepdim=True)
+            if mask.any():
+                break
+        # Unchanged pixels keep the image's own values bit for bit.
+        return torch.where(mask, warped_levels / 255, image), mask.to(image.dtype)
+
+
+def check_val_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+    """Validation's defect kinds as a tuple; a one-line error for an empty list or an unknown kind."""
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    unknown = [kind for kind in kinds if kind not in VAL_KINDS]
+    if not kinds or unknown:
+        raise PatchAEError(
+            f"validation.kinds={list(kinds)} must be a non-empty list of {', '.join(VAL_KINDS)}, e.g. [cutpaste,perlin]"
+        )
+    return kinds
 
 
 def check_val_placement(placement: str) -> None:
@@ -301,6 +337,7 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         val_defects_per_image: int = 2,
         val_bank_images: int = 40,
         val_placement: str = "uniform",
+        val_kinds: Sequence[str] = ("cutpaste", "perlin"),
         resize_mode: str = "squash",
         tiling: dict | None = None,
         size_multiple: int = 16,
@@ -352,6 +389,7 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
         self.val_bank_images = val_bank_images
         check_val_placement(val_placement)
         self.val_placement = val_placement
+        self.val_kinds = check_val_kinds(val_kinds)
         self._samples: dict[str, list[Sample]] = {}
 
     @abstractmethod
@@ -401,6 +439,7 @@ class AnomalyDataModule(L.LightningDataModule, ABC):
             self.val_defects_per_image,
             self.seed,
             self.val_placement,
+            self.val_kinds,
         )
         return self._loader(dataset, self.eval_batch_size, persistent_workers=self.num_workers > 0)
 
