@@ -151,3 +151,13 @@ def test_a_file_that_is_no_rescore_output_is_a_one_line_error(tmp_path, capsys):
         )
     error = capsys.readouterr().err
     assert "is no rescore output" in error and error.count("\n") == 1
+
+
+def test_two_rescored_rows_of_one_run_are_a_one_line_error(tmp_path, capsys):
+    base = write_run(tmp_path, "base", 0, val=0.8, test=0.6)
+    rescored = tmp_path / "rescore.json"
+    rescored.write_text(json.dumps({"rows": [rescore_row(base, 0.7, 0.6), rescore_row(base, 0.6, 0.6)]}))
+    with pytest.raises(SystemExit):
+        main([f"baseline=[{base}]", f"candidates=[{base}]", f"rescored=[{rescored}]"])
+    error = capsys.readouterr().err
+    assert "two rescored rows for" in error and "give one row per run" in error and error.count("\n") == 1

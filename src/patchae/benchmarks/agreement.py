@@ -46,9 +46,7 @@ class AgreementConfig:
 
     baseline: list[str] = field(default_factory=list)  # folders (globs) holding the baseline's results.json
     candidates: list[str] = field(default_factory=list)  # folders (globs) holding the other settings' runs
-    rescored: list[str] = field(
-        default_factory=list
-    )  # rescore outputs whose rows replace their runs' figures
+    rescored: list[str] = field(default_factory=list)  # rescore outputs: their rows replace the runs' figures
     output: str | None = None  # a .json file for the results
 
 
@@ -77,7 +75,7 @@ def rescored_rows(files: list[str]) -> dict[Path, dict[str, Any]]:
             folder = Path(row["run"]).resolve()
             if folder in rows:
                 raise PatchAEError(
-                    f"two rescored rows for {row['run']}: rescore each run under one setting per file set"
+                    f"two rescored rows for {row['run']} (several settings or files): give one row per run"
                 )
             rows[folder] = row
     return rows
