@@ -116,8 +116,11 @@ def rescore(cfg: RescoreConfig) -> dict[str, Any]:
                 module.fit_scorer(module.image_batches(datamodule.bank_dataloader()))
             scoring = module.model.scorer.scoring
             row = {"run": str(run_dir), "blur_sigma": scoring.blur_sigma, "image_score": scoring.image_score}
-            row.update(model=dict(cfg.model), val_placement=datamodule.val_placement)
-            row["val_kinds"] = list(datamodule.val_kinds)
+            row.update(
+                model=dict(cfg.model),
+                val_placement=datamodule.val_placement,
+                val_kinds=list(datamodule.val_kinds),
+            )
             if scoring.image_score == "topk":
                 row["image_score"] = f"topk {scoring.top_k:g}"
             for split in SPLITS:

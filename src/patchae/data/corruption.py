@@ -75,8 +75,8 @@ class Corruption:
         self.aspect_ratio = _ordered("aspect_ratio", self.aspect_ratio, float, minimum=1e-3)
         self.opacity = _ordered("opacity", self.opacity, float, minimum=1e-3, maximum=1.0)
         self.warp_amplitude = _ordered("warp_amplitude", self.warp_amplitude, float, minimum=0.0, maximum=0.5)
-        self.shapes = _choices("shapes", self.shapes, SHAPES)
-        self.fills = _choices("fills", self.fills, FILLS)
+        self.shapes = checked_choices("corruption.shapes", self.shapes, SHAPES)
+        self.fills = checked_choices("corruption.fills", self.fills, FILLS)
         if self.placement not in PLACEMENTS:
             raise PatchAEError(
                 f"corruption.placement={self.placement!r} must be one of {', '.join(PLACEMENTS)}"
@@ -249,9 +249,11 @@ def _ordered(name: str, values, kind, minimum: float | None = None, maximum: flo
     return low, high
 
 
-def _choices(name: str, values, known: tuple[str, ...]) -> tuple[str, ...]:
+def checked_choices(key: str, values, known: tuple[str, ...]) -> tuple[str, ...]:
+    """``values`` (a list, or one name) as a tuple; a one-line error naming ``key`` for an empty list or an
+    unknown name."""
     chosen = (values,) if isinstance(values, str) else tuple(values)
     unknown = [value for value in chosen if value not in known]
     if not chosen or unknown:
-        raise PatchAEError(f"corruption.{name}={list(chosen)} must be a non-empty list of {', '.join(known)}")
+        raise PatchAEError(f"{key}={list(chosen)} must be a non-empty list of {', '.join(known)}")
     return chosen

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from patchae.data.cache import DecodedImages, cache_bytes
-from patchae.data.corruption import PLACEMENTS, Corruption, foreground_mask
+from patchae.data.corruption import PLACEMENTS, Corruption, checked_choices, foreground_mask
 from patchae.data.cutpaste import CutPaste
 from patchae.data.datasets import dataset_spec
 from patchae.data.datasets.folder import folder_samples
@@ -34,7 +34,9 @@ from patchae.tiling import Tiling, random_tile
 logger = logging.getLogger(__name__)
 
 ON_OBJECT_SHARE = 0.5  # foreground placement: least share of a defect's changed pixels that lie on the object
-ON_OBJECT_TRIES = 20  # draws before a defect that misses the object is kept anyway (a thin or tiny object)
+ON_OBJECT_TRIES = (
+    20  # draws before a defect that misses the object (or a warp that changes nothing) is kept anyway
+)
 VAL_KINDS = ("cutpaste", "perlin", "warp")  # validation's synthetic defects (validation.kinds)
 
 
@@ -247,13 +249,7 @@ class SyntheticDefectDataset(Dataset):
 
 def check_val_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
     """Validation's defect kinds as a tuple; a one-line error for an empty list or an unknown kind."""
-    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
-    unknown = [kind for kind in kinds if kind not in VAL_KINDS]
-    if not kinds or unknown:
-        raise PatchAEError(
-            f"validation.kinds={list(kinds)} must be a non-empty list of {', '.join(VAL_KINDS)}, e.g. [cutpaste,perlin]"
-        )
-    return kinds
+    return checked_choices("validation.kinds", kinds, VAL_KINDS)
 
 
 def check_val_placement(placement: str) -> None:
